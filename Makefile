@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make test` and `make demo`.
+#
+# TORCH_SPEC picks the torch build: the default is the CPU wheel this project's
+# machines have on disk; a GPU user sets e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+# The extension is always built with --no-build-isolation, against that torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+TEST_DEPS ?= "pytest>=8" hypothesis expecttest ninja numpy "setuptools>=64" wheel
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS_STAMP := $(VENV)/.riskpo-deps
+
+.PHONY: test demo install bench-advantages clean
+
+$(DEPS_STAMP): Makefile pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(TRITON_SPEC) $(TEST_DEPS)
+	touch $@
+
+# Re-run on every call: ninja rebuilds only what changed in csrc/.
+install: $(DEPS_STAMP)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The project's main job. Until riskpo_train lands, that is the advantage benchmark.
+demo: bench-advantages
+
+bench-advantages: install
+	$(PY) benchmarks/bench_advantages.py
+
+clean:
+	rm -rf build *.egg-info riskpo_kernels/_C*.so

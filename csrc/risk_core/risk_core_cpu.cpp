@@ -1,0 +1,157 @@
+// C++ CPU kernels of the risk core: one task per bundle (Mixed-VaR) or group
+// (GRPO) through at::parallel_for; the math is mvar_math.h's.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "risk_core.h"
+
+namespace riskpo {
+namespace {
+
+// Calls fn(static_cast<const T*>(data)) with the storage's C++ element type.
+template <typename Fn>
+void with_storage_type(Storage storage, Fn&& fn) {
+  switch (storage) {
+    case Storage::kFloat32: return fn(float{});
+    case Storage::kFloat64: return fn(double{});
+    case Storage::kFloat16: return fn(c10::Half{});
+    case Storage::kBFloat16: return fn(c10::BFloat16{});
+  }
+}
+
+// Grain sizes aim at a few thousand rewards per task: smaller tasks cost more
+// in scheduling than they compute.
+int64_t grain_for(int64_t rewards_per_task) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, rewards_per_task));
+}
+
+template <typename acc, typename T>
+void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
+                  const mvar::Params<acc>& p, const MVaRScalars<acc>& s,
+                  const MVaROutputs<acc>& out, int64_t first_bundle, int64_t end_bundle) {
+  const int64_t n = p.group_size, Q = p.bundle_size;
+  const acc nan = std::numeric_limits<acc>::quiet_NaN();
+  const acc zero = 0;
+  const acc base_mid = s.base_mid ? *s.base_mid : zero;
+  const acc base_low = s.base_low ? *s.base_low : zero;
+  const bool per_prompt_stats = p.credit == mvar::kCreditStd || p.credit == mvar::kCreditSumMean;
+  // Scratch reused across this task's bundles.
+  std::vector<acc> sorted(n), paper_adv(n), centred_sum(n), prompt_mean(Q), prompt_sd(Q);
+
+  for (int64_t b = first_bundle; b < end_bundle; ++b) {
+    const int64_t first_prompt = b * Q;
+    const int64_t prompts = std::min(Q, num_prompts - first_prompt);
+    const T* r = rewards + first_prompt * n;  // (prompts, n)
+    T* adv = advantages + first_prompt * n;   // (prompts, n)
+    acc* scores = out.bundle_scores + b * n;  // (n,)
+    auto reward = [&](int64_t q, int64_t j) { return static_cast<acc>(r[q * n + j]); };
+
+    bool finite = true;
+    for (int64_t j = 0; j < n; ++j) {
+      acc sum = 0;
+      for (int64_t q = 0; q < prompts; ++q) sum += reward(q, j);
+      scores[j] = sum;
+      finite = finite && std::isfinite(sum);
+    }
+    if (!finite) {  // documented NaN propagation: the whole bundle is marked
+      out.q_lo[b] = out.q_hi[b] = nan;
+      for (int64_t i = 0; i < prompts * n; ++i) adv[i] = static_cast<T>(nan);
+      continue;
+    }
+
+    std::copy(scores, scores + n, sorted.begin());
+    std::sort(sorted.begin(), sorted.end());
+    acc q_lo, q_hi, mean_score, sd_score;
+    mvar::bundle_quantiles(sorted.data(), p, s.track_lo, s.track_hi, &q_lo, &q_hi);
+    mvar::mean_and_std<acc>([&](int64_t j) { return scores[j]; }, n, &mean_score, &sd_score);
+    const acc bundle_sd = mvar::guarded_std(sd_score, n);
+    out.q_lo[b] = q_lo;
+    out.q_hi[b] = q_hi;
+    for (int64_t j = 0; j < n; ++j) {
+      paper_adv[j] = mvar::paper_advantage(scores[j], q_lo, q_hi, base_mid, base_low, bundle_sd, p);
+    }
+
+    if (per_prompt_stats) {
+      for (int64_t q = 0; q < prompts; ++q) {
+        acc sd;
+        mvar::mean_and_std<acc>([&](int64_t j) { return reward(q, j); }, n, &prompt_mean[q], &sd);
+        prompt_sd[q] = mvar::guarded_std(sd, n);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        acc D = 0;
+        for (int64_t q = 0; q < prompts; ++q) D += reward(q, j) - prompt_mean[q];
+        centred_sum[j] = D;
+      }
+    }
+    for (int64_t q = 0; q < prompts; ++q) {
+      for (int64_t j = 0; j < n; ++j) {
+        const acc x = reward(q, j);
+        const acc value = per_prompt_stats
+            ? mvar::response_advantage(paper_adv[j], x, prompt_sd[q], x - prompt_mean[q],
+                                       centred_sum[j], prompts, p)
+            : mvar::response_advantage(paper_adv[j], x, acc(1), zero, zero, prompts, p);
+        adv[q * n + j] = static_cast<T>(value);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename acc>
+void mvar_advantages_cpu(const void* rewards, Storage storage, int64_t num_prompts,
+                         const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
+                         const MVaROutputs<acc>& out) {
+  const int64_t num_bundles = (num_prompts + params.bundle_size - 1) / params.bundle_size;
+  const int64_t grain = grain_for(params.bundle_size * params.group_size);
+  with_storage_type(storage, [&](auto tag) {
+    using T = decltype(tag);
+    // Accumulation is double exactly for double storage; other pairs never run.
+    if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
+      at::parallel_for(0, num_bundles, grain, [&](int64_t begin, int64_t end) {
+        mvar_bundles<acc>(static_cast<const T*>(rewards), static_cast<T*>(out.advantages),
+                          num_prompts, params, scalars, out, begin, end);
+      });
+    }
+  });
+}
+
+template void mvar_advantages_cpu<float>(const void*, Storage, int64_t, const mvar::Params<float>&,
+                                         const MVaRScalars<float>&, const MVaROutputs<float>&);
+template void mvar_advantages_cpu<double>(const void*, Storage, int64_t, const mvar::Params<double>&,
+                                          const MVaRScalars<double>&, const MVaROutputs<double>&);
+
+void grpo_advantages_cpu(const void* rewards, Storage storage, int64_t num_groups,
+                         int64_t group_size, bool normalize_std, double eps, void* advantages) {
+  const int64_t n = group_size;
+  with_storage_type(storage, [&](auto tag) {
+    using T = decltype(tag);
+    using acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const T* r_all = static_cast<const T*>(rewards);
+    T* adv_all = static_cast<T*>(advantages);
+    at::parallel_for(0, num_groups, grain_for(n), [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const T* r = r_all + g * n;
+        T* adv = adv_all + g * n;
+        acc mean, sd;
+        mvar::mean_and_std<acc>([&](int64_t j) { return static_cast<acc>(r[j]); }, n, &mean, &sd);
+        if (!std::isfinite(mean) || !std::isfinite(sd)) {  // NaN propagation, as Mixed-VaR
+          for (int64_t j = 0; j < n; ++j) adv[j] = static_cast<T>(std::numeric_limits<acc>::quiet_NaN());
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          adv[j] = static_cast<T>(mvar::grpo_advantage<acc>(static_cast<acc>(r[j]), mean, sd, n,
+                                                            normalize_std, static_cast<acc>(eps)));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace riskpo

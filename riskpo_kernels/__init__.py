@@ -1,0 +1,19 @@
+"""riskpo_kernels: fused kernels for RiskPO (Mixed Value-at-Risk policy optimization).
+
+    import riskpo_kernels as rk
+    res = rk.mvar_advantages(rewards, group_size=n, bundle_size=5)
+    adv = rk.grpo_advantages(rewards, group_size=n)
+
+The ops are also registered as ``torch.ops.riskpo.*`` for any trainer.
+"""
+
+from . import _extension, ops
+from .risk_core import (MVaRResult, QuantileTracker, grpo_advantages, mvar_advantages)
+
+__version__ = "0.1.0"
+
+extension_available = _extension.AVAILABLE
+extension_with_cuda = _extension.WITH_CUDA
+
+__all__ = ["MVaRResult", "QuantileTracker", "grpo_advantages", "mvar_advantages", "ops",
+           "extension_available", "extension_with_cuda"]

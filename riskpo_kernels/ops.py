@@ -1,0 +1,61 @@
+"""Schemas of every ``torch.ops.riskpo.*`` op, in one place, each with its fake.
+
+The C++/CUDA kernels (``csrc/``) only register implementations for these
+schemas, so the ops exist (and trace under ``torch.compile``) even when the
+compiled extension is missing. Fakes compute output shapes and dtypes only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LIBRARY = torch.library.Library("riskpo", "DEF")
+
+SCHEMAS = {
+    # Mixed-VaR bundle advantages (RISKPO_SPEC.md sections 2-5). rewards: (P * n,).
+    # Returns advantages (P * n,) in the rewards' dtype, and bundle_scores
+    # (num_bundles, n), q_lo and q_hi (num_bundles,) in the accumulation dtype.
+    "mvar_advantages": (
+        "(Tensor rewards, int group_size, int bundle_size, float alpha, float beta, "
+        "float w_low, float w_high, str quantile_mode, Tensor? q_lo_track, Tensor? q_hi_track, "
+        "str credit, bool normalize_std, bool natural_baseline, Tensor? base_mid, "
+        "Tensor? base_low, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # GRPO group advantages (section 7). rewards: (P * n,) -> (P * n,).
+    "grpo_advantages": "(Tensor rewards, int group_size, bool normalize_std, float eps) -> Tensor",
+}
+
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 math for float64 storage, float32 math for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_fake_rewards(op: str, rewards: torch.Tensor, group_size: int) -> None:
+    torch._check(rewards.dim() == 1, lambda: f"{op}: rewards must be 1-D, got {tuple(rewards.shape)}")
+    torch._check(group_size >= 1, lambda: f"{op}: group_size must be >= 1, got {group_size}")
+
+
+@torch.library.register_fake("riskpo::mvar_advantages")
+def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, w_high,
+                          quantile_mode, q_lo_track, q_hi_track, credit, normalize_std,
+                          natural_baseline, base_mid, base_low, eps):
+    _check_fake_rewards("mvar_advantages", rewards, group_size)
+    num_prompts = rewards.shape[0] // group_size
+    num_bundles = (num_prompts + bundle_size - 1) // bundle_size
+    acc = accumulation_dtype(rewards.dtype)
+    return (
+        rewards.new_empty(rewards.shape),
+        rewards.new_empty((num_bundles, group_size), dtype=acc),
+        rewards.new_empty((num_bundles,), dtype=acc),
+        rewards.new_empty((num_bundles,), dtype=acc),
+    )
+
+
+@torch.library.register_fake("riskpo::grpo_advantages")
+def _grpo_advantages_fake(rewards, group_size, normalize_std, eps):
+    _check_fake_rewards("grpo_advantages", rewards, group_size)
+    return rewards.new_empty(rewards.shape)

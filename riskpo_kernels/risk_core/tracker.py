@@ -1,0 +1,116 @@
+"""Quantile tracker of RiskPO (RISKPO_SPEC.md section 6): stochastic approximation
+of the bundle-score quantiles across training steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _validation as v
+
+
+def default_levels() -> torch.Tensor:
+    """0.05, 0.10, ..., 0.95."""
+    return torch.arange(1, 20, dtype=torch.float64) / 20
+
+
+class QuantileTracker:
+    """Tracks quantiles ``v[k]`` of the bundle scores at the grid ``levels``.
+
+    First update: ``v[k] = quantile(S, L[k])`` (linear interpolation). Later:
+    ``v[k] += lr * (L[k] - mean(S < v[k]))``, one SGD step on the quantile loss
+    for every level at once (one broadcast pass over the scores). Non-finite
+    scores are left out of both (on CPU they raise, as in mvar_advantages).
+    Updates allocate new tensors, so values handed out earlier never change.
+    """
+
+    def __init__(self, lr: float = 0.1, levels=None):
+        self.lr = v.check_float("lr", lr)
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        levels = default_levels() if levels is None else torch.as_tensor(levels, dtype=torch.float64)
+        if levels.dim() != 1 or levels.numel() < 2:
+            raise ValueError(f"levels must be a 1-D grid of at least 2 values, got {tuple(levels.shape)}")
+        if not bool(((levels > 0) & (levels < 1)).all()) or not bool((levels.diff() > 0).all()):
+            raise ValueError("levels must increase strictly inside (0, 1)")
+        self.levels = levels.cpu()
+        self.values: torch.Tensor | None = None  # (K,) once initialized
+        self.steps = 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.values is not None
+
+    def update(self, scores: torch.Tensor) -> None:
+        """scores: any shape, e.g. ``MVaRResult.bundle_scores`` (num_bundles, n)."""
+        v.check_float_tensor("scores", scores)
+        s = scores.detach().reshape(-1)
+        v.check_all_finite("scores", s)
+        dtype = self.values.dtype if self.values is not None else (
+            torch.float64 if s.dtype == torch.float64 else torch.float32)
+        s = s.to(dtype)
+        levels = self.levels.to(device=s.device, dtype=dtype)
+        finite = torch.isfinite(s)
+        if self.values is None:
+            masked = torch.where(finite, s, torch.full_like(s, math.nan))
+            self.values = torch.nanquantile(masked, levels)
+        else:
+            values = self.values.to(s.device)
+            below = (s[None, :] < values[:, None]) & finite[None, :]            # (K, N)
+            count = finite.sum()
+            fraction = below.sum(1).to(dtype) / count.clamp(min=1).to(dtype)
+            stepped = values + self.lr * (levels - fraction)
+            self.values = torch.where(count > 0, stepped, values)
+        self.steps += 1
+
+    def _index(self, level: float) -> int:
+        level = v.check_float("level", level)
+        return int(torch.argmin((self.levels - level).abs()))
+
+    def value(self, level: float) -> torch.Tensor | None:
+        """The tracked value at the grid level nearest ``level`` (0-d tensor), or
+        None before the first update."""
+        if self.values is None:
+            return None
+        return self.values[self._index(level)]
+
+    def baselines(self, alpha: float, beta: float, natural_baseline: bool = True):
+        """Mean baselines (base_mid, base_low) for ``mvar_advantages``, 0-d tensors::
+
+            base_mid = trapz_L((v - q_lo)+ - (v - q_hi)+ + c),  base_low = trapz_L(-(q_lo - v)+)
+
+        with q_lo, q_hi the tracked values at alpha, beta and c = q_lo - q_hi
+        under ``natural_baseline``. None before the first update.
+        """
+        if self.values is None:
+            return None
+        vals = self.values
+        levels = self.levels.to(device=vals.device, dtype=vals.dtype)
+        q_lo, q_hi = self.value(alpha), self.value(beta)
+        c = (q_lo - q_hi) if natural_baseline else torch.zeros_like(q_lo)
+        mid = torch.relu(vals - q_lo) - torch.relu(vals - q_hi) + c
+        low = -torch.relu(q_lo - vals)
+        return torch.trapezoid(mid, levels), torch.trapezoid(low, levels)
+
+    def to(self, device) -> "QuantileTracker":
+        if self.values is not None:
+            self.values = self.values.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "levels": self.levels.clone(), "steps": self.steps,
+                "values": None if self.values is None else self.values.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"lr", "levels", "steps", "values"} - set(state)
+        if missing:
+            raise ValueError(f"state_dict is missing {sorted(missing)}")
+        levels = torch.as_tensor(state["levels"], dtype=torch.float64).cpu()
+        values = state["values"]
+        if values is not None and (not isinstance(values, torch.Tensor) or values.shape != levels.shape):
+            raise ValueError("state_dict['values'] must be None or a tensor shaped like its levels")
+        restored = QuantileTracker(state["lr"], levels)  # validates lr and levels
+        self.lr, self.levels = restored.lr, restored.levels
+        self.values = None if values is None else values.detach().clone()
+        self.steps = int(state["steps"])

@@ -1,0 +1,44 @@
+"""Builds riskpo_kernels._C: the C++ CPU kernels always, the CUDA kernels too when
+torch has CUDA and nvcc is found (set RISKPO_NO_CUDA=1 to skip them).
+
+Build against the torch already installed: `pip install --no-build-isolation -e .`
+(build isolation would fetch and compile against another torch).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern), recursive=True))
+
+
+def _extension():
+    cpp_sources = _sources("**/*.cpp")
+    cxx_flags = ["-O3"]
+    with_cuda = (
+        os.environ.get("RISKPO_NO_CUDA", "0") != "1"
+        and cpp_extension.torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+    if not with_cuda:
+        return cpp_extension.CppExtension(
+            "riskpo_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
+        )
+    return cpp_extension.CUDAExtension(
+        "riskpo_kernels._C",
+        cpp_sources + _sources("**/*.cu"),
+        define_macros=[("RISKPO_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
