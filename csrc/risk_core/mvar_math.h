@@ -66,25 +66,27 @@ RISKPO_HD acc quantile_of_sorted(const acc* sorted, int64_t n, acc level) {
 // Replaces a degenerate standard deviation by 1: a single sample (n < 2) has no
 // spread, and one at or below kStdFloor would blow the advantages up.
 template <typename acc>
-RISKPO_HD acc guarded_std(acc sd, int64_t n) {
-  return (n < 2 || !(sd > acc(kStdFloor))) ? acc(1) : sd;
+RISKPO_HD acc guarded_std(double sd, int64_t n) {
+  return (n < 2 || !(sd > kStdFloor)) ? acc(1) : static_cast<acc>(sd);
 }
 
-// Mean and unbiased (n - 1) standard deviation, two passes for accuracy.
-// `value(i)` returns element i in acc; sd is left raw (see guarded_std).
-template <typename acc, typename ValueAt>
-RISKPO_HD void mean_and_std(ValueAt value, int64_t n, acc* mean_out, acc* sd_out) {
-  acc sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += value(i);
-  const acc mean = sum / acc(n);
-  acc squares = 0;
+// Mean and unbiased (n - 1) standard deviation, two passes, in double whatever
+// acc is: sum-mean credit divides by sums of centred rewards that can be small,
+// where float32 running sums over n samples (error ~ n ulp) would show.
+// `value(i)` returns element i; sd is left raw (see guarded_std).
+template <typename ValueAt>
+RISKPO_HD void mean_and_std(ValueAt value, int64_t n, double* mean_out, double* sd_out) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(value(i));
+  const double mean = sum / static_cast<double>(n);
+  double squares = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const acc d = value(i) - mean;
+    const double d = static_cast<double>(value(i)) - mean;
     squares += d * d;
   }
-  *mean_out = mean;
   using std::sqrt;
-  *sd_out = n > 1 ? sqrt(squares / acc(n - 1)) : acc(0);
+  *mean_out = mean;
+  *sd_out = n > 1 ? sqrt(squares / static_cast<double>(n - 1)) : 0.0;
 }
 
 // The bundle's quantile pair after the mode is applied. `track_lo/hi` may be
@@ -129,9 +131,10 @@ RISKPO_HD acc paper_advantage(acc score, acc q_lo, acc q_hi, acc base_mid, acc b
 // (spec section 5). `reward` is r[p_q, j]; `prompt_sd` the guarded std of the
 // prompt's rewards; `centred` = r[p_q, j] - mean(r[p_q, :]); `paper_centred_sum`
 // = D, the sum of `centred` over the paper's prompts; `prompts_in_bundle` = Qb.
+// centred and D stay in double: their ratio is where cancellation would show.
 template <typename acc>
-RISKPO_HD acc response_advantage(acc A, acc reward, acc prompt_sd, acc centred,
-                                 acc paper_centred_sum, int64_t prompts_in_bundle,
+RISKPO_HD acc response_advantage(acc A, acc reward, acc prompt_sd, double centred,
+                                 double paper_centred_sum, int64_t prompts_in_bundle,
                                  const Params<acc>& p) {
   switch (p.credit) {
     case kCreditScore:
@@ -139,9 +142,9 @@ RISKPO_HD acc response_advantage(acc A, acc reward, acc prompt_sd, acc centred,
     case kCreditStd:
       return A / (prompt_sd + p.eps);
     case kCreditSumMean: {
-      const acc D = paper_centred_sum;
-      const bool spread = (D > acc(0) ? D : -D) > acc(kSumMeanFloor);
-      return spread ? A * centred / D : A / acc(prompts_in_bundle);
+      const double D = paper_centred_sum;
+      const bool spread = (D > 0 ? D : -D) > kSumMeanFloor;
+      return spread ? A * static_cast<acc>(centred / D) : A / acc(prompts_in_bundle);
     }
     default:
       return A;

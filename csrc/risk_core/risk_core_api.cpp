@@ -211,8 +211,9 @@ void check_cuda(int err, const char* op, const MVaRCall* call) {
   if (call != nullptr) {
     TORCH_CHECK(false, op, ": CUDA error '", what, "' (group_size=", call->params.group_size,
                 ", bundle_size=", call->params.bundle_size, " need ",
-                (3 * call->params.group_size + 2 * call->params.bundle_size) *
-                    call->bundle_scores.element_size(),
+                8 * (call->params.group_size + call->params.bundle_size) +
+                    call->bundle_scores.element_size() *
+                        (2 * call->params.group_size + call->params.bundle_size),
                 " bytes of shared memory per block)");
   }
   TORCH_CHECK(false, op, ": CUDA error '", what, "'");

@@ -42,7 +42,8 @@ void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
   const acc base_low = s.base_low ? *s.base_low : zero;
   const bool per_prompt_stats = p.credit == mvar::kCreditStd || p.credit == mvar::kCreditSumMean;
   // Scratch reused across this task's bundles.
-  std::vector<acc> sorted(n), paper_adv(n), centred_sum(n), prompt_mean(Q), prompt_sd(Q);
+  std::vector<acc> sorted(n), paper_adv(n), prompt_sd(Q);
+  std::vector<double> centred_sum(n), prompt_mean(Q);  // double: see mean_and_std
 
   for (int64_t b = first_bundle; b < end_bundle; ++b) {
     const int64_t first_prompt = b * Q;
@@ -67,10 +68,11 @@ void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
 
     std::copy(scores, scores + n, sorted.begin());
     std::sort(sorted.begin(), sorted.end());
-    acc q_lo, q_hi, mean_score, sd_score;
+    acc q_lo, q_hi;
+    double mean_score, sd_score;
     mvar::bundle_quantiles(sorted.data(), p, s.track_lo, s.track_hi, &q_lo, &q_hi);
-    mvar::mean_and_std<acc>([&](int64_t j) { return scores[j]; }, n, &mean_score, &sd_score);
-    const acc bundle_sd = mvar::guarded_std(sd_score, n);
+    mvar::mean_and_std([&](int64_t j) { return scores[j]; }, n, &mean_score, &sd_score);
+    const acc bundle_sd = mvar::guarded_std<acc>(sd_score, n);
     out.q_lo[b] = q_lo;
     out.q_hi[b] = q_hi;
     for (int64_t j = 0; j < n; ++j) {
@@ -79,13 +81,13 @@ void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
 
     if (per_prompt_stats) {
       for (int64_t q = 0; q < prompts; ++q) {
-        acc sd;
-        mvar::mean_and_std<acc>([&](int64_t j) { return reward(q, j); }, n, &prompt_mean[q], &sd);
-        prompt_sd[q] = mvar::guarded_std(sd, n);
+        double sd;
+        mvar::mean_and_std([&](int64_t j) { return reward(q, j); }, n, &prompt_mean[q], &sd);
+        prompt_sd[q] = mvar::guarded_std<acc>(sd, n);
       }
       for (int64_t j = 0; j < n; ++j) {
-        acc D = 0;
-        for (int64_t q = 0; q < prompts; ++q) D += reward(q, j) - prompt_mean[q];
+        double D = 0;
+        for (int64_t q = 0; q < prompts; ++q) D += static_cast<double>(reward(q, j)) - prompt_mean[q];
         centred_sum[j] = D;
       }
     }
@@ -93,9 +95,10 @@ void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
       for (int64_t j = 0; j < n; ++j) {
         const acc x = reward(q, j);
         const acc value = per_prompt_stats
-            ? mvar::response_advantage(paper_adv[j], x, prompt_sd[q], x - prompt_mean[q],
-                                       centred_sum[j], prompts, p)
-            : mvar::response_advantage(paper_adv[j], x, acc(1), zero, zero, prompts, p);
+            ? mvar::response_advantage(paper_adv[j], x, prompt_sd[q],
+                                       static_cast<double>(x) - prompt_mean[q], centred_sum[j],
+                                       prompts, p)
+            : mvar::response_advantage(paper_adv[j], x, acc(1), 0.0, 0.0, prompts, p);
         adv[q * n + j] = static_cast<T>(value);
       }
     }
@@ -139,15 +142,15 @@ void grpo_advantages_cpu(const void* rewards, Storage storage, int64_t num_group
       for (int64_t g = begin; g < end; ++g) {
         const T* r = r_all + g * n;
         T* adv = adv_all + g * n;
-        acc mean, sd;
-        mvar::mean_and_std<acc>([&](int64_t j) { return static_cast<acc>(r[j]); }, n, &mean, &sd);
+        double mean, sd;
+        mvar::mean_and_std([&](int64_t j) { return static_cast<acc>(r[j]); }, n, &mean, &sd);
         if (!std::isfinite(mean) || !std::isfinite(sd)) {  // NaN propagation, as Mixed-VaR
           for (int64_t j = 0; j < n; ++j) adv[j] = static_cast<T>(std::numeric_limits<acc>::quiet_NaN());
           continue;
         }
         for (int64_t j = 0; j < n; ++j) {
-          adv[j] = static_cast<T>(mvar::grpo_advantage<acc>(static_cast<acc>(r[j]), mean, sd, n,
-                                                            normalize_std, static_cast<acc>(eps)));
+          adv[j] = static_cast<T>(mvar::grpo_advantage<acc>(static_cast<acc>(r[j]), acc(mean), acc(sd),
+                                                            n, normalize_std, static_cast<acc>(eps)));
         }
       }
     });

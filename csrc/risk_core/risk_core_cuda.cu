@@ -51,12 +51,14 @@ __global__ void mvar_advantages_kernel(const T* __restrict__ rewards,  // (P, n)
                                        acc* __restrict__ q_hi_out) {     // (num_bundles,)
   const int64_t n = p.group_size, Q = p.bundle_size;
   const int64_t num_bundles = (num_prompts + Q - 1) / Q;
-  extern __shared__ double shared_words[];  // double-typed so that either acc is aligned
-  acc* scores = reinterpret_cast<acc*>(shared_words);  // (n,)
-  acc* sorted = scores + n;                             // (n,)
-  acc* centred_sum = sorted + n;                        // (n,)  sum-mean credit only
-  acc* prompt_mean = centred_sum + n;                   // (Q,)  std / sum-mean credit only
-  acc* prompt_sd = prompt_mean + Q;                     // (Q,)
+  // Per-prompt statistics stay in double (see mean_and_std); doubles come first
+  // so that every array is aligned.
+  extern __shared__ double shared_words[];
+  double* prompt_mean = shared_words;                      // (Q,)  std / sum-mean credit only
+  double* centred_sum = prompt_mean + Q;                   // (n,)  sum-mean credit only
+  acc* scores = reinterpret_cast<acc*>(centred_sum + n);  // (n,)
+  acc* sorted = scores + n;                                // (n,)
+  acc* prompt_sd = sorted + n;                             // (Q,)
   __shared__ acc bundle_stats[3];                       // q_lo, q_hi, guarded std of scores
 
   const acc base_mid = s.base_mid ? *s.base_mid : acc(0);
@@ -95,26 +97,25 @@ __global__ void mvar_advantages_kernel(const T* __restrict__ rewards,  // (P, n)
     }
     if (per_prompt_stats) {
       for (int64_t q = tid; q < prompts; q += threads) {
-        acc sd;
-        mvar::mean_and_std<acc>([&](int64_t j) { return to_acc(r[q * n + j]); }, n,
-                                &prompt_mean[q], &sd);
-        prompt_sd[q] = mvar::guarded_std(sd, n);
+        double sd;
+        mvar::mean_and_std([&](int64_t j) { return to_acc(r[q * n + j]); }, n, &prompt_mean[q], &sd);
+        prompt_sd[q] = mvar::guarded_std<acc>(sd, n);
       }
     }
     __syncthreads();
 
     if (tid == 0) {
-      acc mean, sd;
+      double mean, sd;
       mvar::bundle_quantiles(sorted, p, s.track_lo, s.track_hi, &bundle_stats[0], &bundle_stats[1]);
-      mvar::mean_and_std<acc>([&](int64_t j) { return scores[j]; }, n, &mean, &sd);
-      bundle_stats[2] = mvar::guarded_std(sd, n);
+      mvar::mean_and_std([&](int64_t j) { return scores[j]; }, n, &mean, &sd);
+      bundle_stats[2] = mvar::guarded_std<acc>(sd, n);
       q_lo_out[b] = bundle_stats[0];
       q_hi_out[b] = bundle_stats[1];
     }
     if (p.credit == mvar::kCreditSumMean) {
       for (int64_t j = tid; j < n; j += threads) {
-        acc D = 0;
-        for (int64_t q = 0; q < prompts; ++q) D += to_acc(r[q * n + j]) - prompt_mean[q];
+        double D = 0;
+        for (int64_t q = 0; q < prompts; ++q) D += static_cast<double>(to_acc(r[q * n + j])) - prompt_mean[q];
         centred_sum[j] = D;
       }
     }
@@ -128,10 +129,10 @@ __global__ void mvar_advantages_kernel(const T* __restrict__ rewards,  // (P, n)
       // than a shared array and another barrier.
       const acc A = mvar::paper_advantage(scores[j], q_lo, q_hi, base_mid, base_low, bundle_sd, p);
       const acc value = per_prompt_stats
-          ? mvar::response_advantage(A, x, prompt_sd[q], x - prompt_mean[q],
-                                     p.credit == mvar::kCreditSumMean ? centred_sum[j] : acc(0),
+          ? mvar::response_advantage(A, x, prompt_sd[q], static_cast<double>(x) - prompt_mean[q],
+                                     p.credit == mvar::kCreditSumMean ? centred_sum[j] : 0.0,
                                      prompts, p)
-          : mvar::response_advantage(A, x, acc(1), acc(0), acc(0), prompts, p);
+          : mvar::response_advantage(A, x, acc(1), 0.0, 0.0, prompts, p);
       adv[i] = from_acc<T>(value);
     }
     __syncthreads();  // the next bundle reuses shared memory
@@ -195,7 +196,8 @@ int mvar_advantages_cuda(const void* rewards, Storage storage, int64_t num_promp
   if (num_bundles == 0) return static_cast<int>(cudaSuccess);
   const int64_t work = params.bundle_size * params.group_size;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxBlockThreads, (work + 31) / 32 * 32));
-  const size_t shared_bytes = sizeof(acc) * (3 * params.group_size + 2 * params.bundle_size);
+  const size_t shared_bytes = sizeof(double) * (params.bundle_size + params.group_size) +
+                              sizeof(acc) * (2 * params.group_size + params.bundle_size);
   const dim3 grid(static_cast<unsigned>(std::min(num_bundles, kMaxBlocks)));
   return with_storage_type(storage, [&](auto tag) {
     using T = decltype(tag);

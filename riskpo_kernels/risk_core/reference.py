@@ -18,7 +18,7 @@ SUM_MEAN_FLOOR = 1e-6   # sum-mean credit: |D| at or below this splits the paper
 
 def guarded_std(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Unbiased std along ``dim``; 1 where it is <= STD_FLOOR or there is one sample."""
-    if x.shape[dim] < 2:
+    if x.shape[dim] < 2 or x.numel() == 0:
         return torch.ones_like(x.select(dim, 0))
     sd = x.std(dim)
     return torch.where(sd > STD_FLOOR, sd, torch.ones_like(sd))
@@ -43,8 +43,11 @@ def mvar_advantages_reference(rewards, group_size, bundle_size, alpha, beta, w_l
     scores = padded.sum(1)                                                   # (B, n)
     finite = torch.isfinite(scores).all(1)                                   # (B,)
     safe = torch.where(finite[:, None], scores, torch.zeros_like(scores))
-    batch_lo = torch.quantile(safe, alpha, dim=1)
-    batch_hi = torch.quantile(safe, beta, dim=1)
+    if B == 0:  # torch.quantile rejects empty inputs
+        batch_lo = batch_hi = safe.new_empty(0)
+    else:
+        batch_lo = torch.quantile(safe, alpha, dim=1)
+        batch_hi = torch.quantile(safe, beta, dim=1)
     tracked = q_lo_track is not None and q_hi_track is not None
     if tracked and quantile_mode == "track":
         q_lo = q_lo_track.to(acc).reshape(()).expand(B)
@@ -102,7 +105,7 @@ def grpo_advantages_reference(rewards, group_size, normalize_std, eps):
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc).view(-1, n)                                          # (P, n)
     mean = r.mean(1, keepdim=True)
-    sd = r.std(1, keepdim=True) if n > 1 else torch.zeros_like(mean)
+    sd = r.std(1, keepdim=True) if n > 1 and r.numel() else torch.zeros_like(mean)
     finite = torch.isfinite(mean) & torch.isfinite(sd)
     if n == 1:
         mean, sd = torch.zeros_like(mean), torch.ones_like(sd)

@@ -1,0 +1,69 @@
+"""Shared test helpers. Nothing here queries a device at import time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# (rtol, atol) for outputs stored in each dtype, against the reference run on
+# the same inputs. Low precision: both compute in float32 and round once on
+# store, so they may land one unit in the last place apart.
+TOLERANCES = {
+    torch.float64: (1e-6, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2 * 2.0**-10, 1e-3),
+    torch.bfloat16: (2 * 2.0**-7, 1e-2),
+}
+
+
+def assert_close_for(actual, expected, dtype, **kwargs):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, **kwargs)
+
+
+def assert_error_budget(actual, low_precision_reference, exact, factor=2.0, floor=1e-6):
+    """flash-attention's criterion: the kernel's error against an exact (float64)
+    answer is at most `factor` times that of plain torch in the same precision,
+    plus a relative `floor` (a few float32 ulps) under which both are rounding."""
+    exact = exact.double()
+    kernel_error = (actual.double() - exact).norm()
+    torch_error = (low_precision_reference.double() - exact).norm()
+    allowed = factor * torch_error + floor * exact.norm()
+    assert kernel_error <= allowed, (kernel_error.item(), torch_error.item(), allowed.item())
+
+
+def make_rewards(kind: str, num_prompts: int, group_size: int, generator, dtype=torch.float32,
+                 device="cpu"):
+    """(P * n,) rewards: binary {0, 1}, ternary {-1, 0, 1} or continuous."""
+    shape = (num_prompts * group_size,)
+    if kind == "binary":
+        r = torch.randint(0, 2, shape, generator=generator).double()
+    elif kind == "ternary":
+        r = torch.randint(-1, 2, shape, generator=generator).double()
+    elif kind == "continuous":
+        r = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 0.5
+    else:
+        raise ValueError(kind)
+    return r.to(dtype).to(device)
+
+
+@pytest.fixture
+def cuda_device():
+    """Skips (at run time, not import) where no CUDA device is present."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import riskpo_kernels as rk
+
+    if not rk.extension_with_cuda:
+        pytest.fail("CUDA is present but riskpo_kernels was built without its CUDA kernels")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def cpp_available():
+    import riskpo_kernels as rk
+
+    if not rk.extension_available:
+        pytest.fail("the compiled extension is not built: run `make test`")
