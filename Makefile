@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
-TEST_DEPS ?= "pytest>=8" hypothesis expecttest ninja numpy "setuptools>=64" wheel
+TEST_DEPS ?= "pytest>=8" ninja numpy "setuptools>=64" wheel
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python

@@ -34,7 +34,7 @@ def _extension():
         "riskpo_kernels._C",
         cpp_sources + _sources("**/*.cu"),
         define_macros=[("RISKPO_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
     )
 
 

@@ -55,7 +55,7 @@ int parse_credit(c10::string_view credit) {
   if (credit == "std") return mvar::kCreditStd;
   if (credit == "sum-mean") return mvar::kCreditSumMean;
   TORCH_CHECK(false, "mvar_advantages: credit must be one of uniform, score, std, sum-mean; got '",
-              std::string(credit), "'");
+              std::string(credit.data(), credit.size()), "'");
 }
 
 int parse_quantile_mode(c10::string_view mode) {
@@ -63,7 +63,7 @@ int parse_quantile_mode(c10::string_view mode) {
   if (mode == "track") return mvar::kTrack;
   if (mode == "mix") return mvar::kMix;
   TORCH_CHECK(false, "mvar_advantages: quantile_mode must be one of batch, track, mix; got '",
-              std::string(mode), "'");
+              std::string(mode.data(), mode.size()), "'");
 }
 
 // A 0-d (or one-element) scalar argument, on the rewards' device, in `dtype`.

@@ -37,6 +37,14 @@ class QuantileTracker:
         self.levels = levels.cpu()
         self.values: torch.Tensor | None = None  # (K,) once initialized
         self.steps = 0
+        self._device_levels: dict = {}
+
+    def _levels_on(self, device, dtype) -> torch.Tensor:
+        # Cached: copying the grid to the GPU at every update would be a host sync.
+        key = (torch.device(device), dtype)
+        if key not in self._device_levels:
+            self._device_levels[key] = self.levels.to(device=device, dtype=dtype)
+        return self._device_levels[key]
 
     @property
     def initialized(self) -> bool:
@@ -50,7 +58,7 @@ class QuantileTracker:
         dtype = self.values.dtype if self.values is not None else (
             torch.float64 if s.dtype == torch.float64 else torch.float32)
         s = s.to(dtype)
-        levels = self.levels.to(device=s.device, dtype=dtype)
+        levels = self._levels_on(s.device, dtype)
         finite = torch.isfinite(s)
         if self.values is None:
             masked = torch.where(finite, s, torch.full_like(s, math.nan))
@@ -86,7 +94,7 @@ class QuantileTracker:
         if self.values is None:
             return None
         vals = self.values
-        levels = self.levels.to(device=vals.device, dtype=vals.dtype)
+        levels = self._levels_on(vals.device, vals.dtype)
         q_lo, q_hi = self.value(alpha), self.value(beta)
         c = (q_lo - q_hi) if natural_baseline else torch.zeros_like(q_lo)
         mid = torch.relu(vals - q_lo) - torch.relu(vals - q_hi) + c
@@ -111,6 +119,6 @@ class QuantileTracker:
         if values is not None and (not isinstance(values, torch.Tensor) or values.shape != levels.shape):
             raise ValueError("state_dict['values'] must be None or a tensor shaped like its levels")
         restored = QuantileTracker(state["lr"], levels)  # validates lr and levels
-        self.lr, self.levels = restored.lr, restored.levels
+        self.lr, self.levels, self._device_levels = restored.lr, restored.levels, {}
         self.values = None if values is None else values.detach().clone()
         self.steps = int(state["steps"])

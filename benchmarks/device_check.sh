@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a bare machine with CUDA torch, nvcc and ninja but
+# nothing of this project installed (see DEVELOPERS.md, the `device` tool):
+#   1. builds the extension with its CUDA kernels against the machine's torch;
+#   2. runs the whole test suite (the CUDA tests run there, skip here);
+#   3. runs the advantage benchmark on CUDA;
+#   4. leaves logs and CSVs in $OUT and prints a summary last.
+#
+#   OUT=/some/dir bash benchmarks/device_check.sh          # on the GPU machine
+#   bash benchmarks/device_check.sh --cpu                  # dry run here: no CUDA steps
+#
+# Python packages missing on the GPU machine travel as wheels in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+[ "${1:-}" = "--cpu" ] && MODE=cpu
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
+fail() { echo "FAILED: $*"; status=1; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step "installing carried wheels"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/riskpo-site .whl/*.whl && export PYTHONPATH=/tmp/riskpo-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step "machine"
+if [ "$MODE" = gpu ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+    | tee "$OUT/gpu.txt"
+fi
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" \
+  | tee "$OUT/versions.txt"
+
+step "build (pip install --no-build-isolation -e .)"
+export MAX_JOBS=${MAX_JOBS:-16}
+if [ "$MODE" = gpu ]; then
+  # Only the card at hand: one architecture compiles faster and uses Hopper's own code.
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+fi
+if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  fail "build"
+  exit 1
+fi
+$PY -c "
+import riskpo_kernels as rk
+print('extension', rk.extension_available, 'with CUDA', rk.extension_with_cuda)
+assert rk.extension_available
+assert rk.extension_with_cuda or '$MODE' == 'cpu', 'built without CUDA kernels'
+" || fail "extension"
+
+step "tests"
+$PY -m pytest -q -rfE -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "tests"
+
+step "advantage benchmark"
+if [ "$MODE" = gpu ]; then
+  $PY benchmarks/bench_advantages.py --device cuda --csv "$OUT/advantages_cuda.csv" 2>&1 | tee "$OUT/bench_cuda.log"
+else
+  $PY benchmarks/bench_advantages.py --quick --csv "$OUT/advantages_cpu.csv" 2>&1 | tee "$OUT/bench_cpu.log"
+fi
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "benchmark"
+
+step "summary"
+grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+echo "outputs in $OUT"
+exit $status
