@@ -138,6 +138,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
 def test_cuda_dispatch_code_compiles(tmp_path):
     """The API file's CUDA branch (guards, streams, registration) at least parses
     against this torch's headers, which a CPU build never compiles."""
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA torch builds the real extension instead")
     cuda_include = next(p for p in [Path("/usr/local/cuda/include"),
                                     *sorted(Path("/usr/local").glob("cuda-*/include"))] if p.exists())
     # CPU wheels ship c10/cuda headers but not the one CMake generates for CUDA builds.
