@@ -20,7 +20,14 @@ def _sources(pattern):
 
 def _extension():
     cpp_sources = _sources("**/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for runs serially in code compiled without it (its
+    # OpenMP body is header-only). The library resolves to the libgomp torch loads.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    sanitizer = os.environ.get("RISKPO_SANITIZE")  # e.g. "address": a debugging build
+    if sanitizer:
+        cxx_flags += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link_flags += [f"-fsanitize={sanitizer}"]
     with_cuda = (
         os.environ.get("RISKPO_NO_CUDA", "0") != "1"
         and cpp_extension.torch.version.cuda is not None
@@ -28,13 +35,15 @@ def _extension():
     )
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "riskpo_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}
+            "riskpo_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     return cpp_extension.CUDAExtension(
         "riskpo_kernels._C",
         cpp_sources + _sources("**/*.cu"),
         define_macros=[("RISKPO_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_link_args=link_flags,
     )
 
 

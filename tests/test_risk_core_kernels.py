@@ -234,6 +234,9 @@ def test_cuda_large_groups_use_extended_shared_memory(cuda_device, dtype):
     too_big = torch.zeros(40000, dtype=torch.float64, device=cuda_device)
     with pytest.raises(RuntimeError, match="group_size=40000"):
         rk.mvar_advantages(too_big, group_size=40000, bundle_size=1)
+    # The refused launch leaves no CUDA error behind for the next launch to report.
+    torch.ones(4, device=cuda_device).add_(1)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.cuda

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string_view>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +26,37 @@ namespace {
 
 using at::Tensor;
 
+// Error messages are built with std::string, never an ostream: on the GPU
+// image (torch 2.11, GCC 13) streaming an integer from extension code
+// (c10::str inside TORCH_CHECK) crashed in std::ostream::_M_insert<long>,
+// turning every argument error into a segfault. A single std::string argument
+// reaches TORCH_CHECK untouched.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+std::string piece(std::string_view s) { return std::string(s.data(), s.size()); }
+std::string piece(int64_t v) { return std::to_string(v); }
+std::string piece(double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", v);
+  return buffer;
+}
+std::string piece(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) { return d.str(); }
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += piece(args)), ...);
+  return out;
+}
+
+#define RISKPO_CHECK(cond, ...) TORCH_CHECK(cond, ::riskpo::message(__VA_ARGS__))
+
 Storage storage_of(const Tensor& rewards) {
   switch (rewards.scalar_type()) {
     case at::kFloat: return Storage::kFloat32;
@@ -31,7 +64,7 @@ Storage storage_of(const Tensor& rewards) {
     case at::kHalf: return Storage::kFloat16;
     case at::kBFloat16: return Storage::kBFloat16;
     default:
-      TORCH_CHECK(false, "riskpo: rewards must be float32, float64, float16 or bfloat16, got ",
+      RISKPO_CHECK(false, "riskpo: rewards must be float32, float64, float16 or bfloat16, got ",
                   rewards.scalar_type());
   }
 }
@@ -42,10 +75,10 @@ at::ScalarType accumulation_type(const Tensor& rewards) {
 }
 
 void check_rewards(const char* op, const Tensor& rewards, int64_t group_size) {
-  TORCH_CHECK(rewards.dim() == 1, op, ": rewards must be 1-D (P * n,), got shape ", rewards.sizes());
+  RISKPO_CHECK(rewards.dim() == 1, op, ": rewards must be 1-D (P * n,), got shape ", rewards.sizes());
   storage_of(rewards);
-  TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
-  TORCH_CHECK(rewards.numel() % group_size == 0, op, ": rewards length ", rewards.numel(),
+  RISKPO_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  RISKPO_CHECK(rewards.numel() % group_size == 0, op, ": rewards length ", rewards.numel(),
               " is not a multiple of group_size ", group_size);
 }
 
@@ -54,16 +87,16 @@ int parse_credit(c10::string_view credit) {
   if (credit == "score") return mvar::kCreditScore;
   if (credit == "std") return mvar::kCreditStd;
   if (credit == "sum-mean") return mvar::kCreditSumMean;
-  TORCH_CHECK(false, "mvar_advantages: credit must be one of uniform, score, std, sum-mean; got '",
-              std::string(credit.data(), credit.size()), "'");
+  RISKPO_CHECK(false, "mvar_advantages: credit must be one of uniform, score, std, sum-mean; got '",
+              credit, "'");
 }
 
 int parse_quantile_mode(c10::string_view mode) {
   if (mode == "batch") return mvar::kBatch;
   if (mode == "track") return mvar::kTrack;
   if (mode == "mix") return mvar::kMix;
-  TORCH_CHECK(false, "mvar_advantages: quantile_mode must be one of batch, track, mix; got '",
-              std::string(mode.data(), mode.size()), "'");
+  RISKPO_CHECK(false, "mvar_advantages: quantile_mode must be one of batch, track, mix; got '",
+              mode, "'");
 }
 
 // A 0-d (or one-element) scalar argument, on the rewards' device, in `dtype`.
@@ -71,10 +104,10 @@ std::optional<Tensor> scalar_argument(const char* name, const std::optional<Tens
                                       const Tensor& rewards, at::ScalarType dtype) {
   if (!value.has_value()) return std::nullopt;
   const Tensor& t = *value;
-  TORCH_CHECK(t.numel() == 1, "mvar_advantages: ", name, " must hold one value, got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "mvar_advantages: ", name,
+  RISKPO_CHECK(t.numel() == 1, "mvar_advantages: ", name, " must hold one value, got shape ", t.sizes());
+  RISKPO_CHECK(at::isFloatingType(t.scalar_type()), "mvar_advantages: ", name,
               " must be floating point, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == rewards.device(), "mvar_advantages: ", name, " is on ", t.device(),
+  RISKPO_CHECK(t.device() == rewards.device(), "mvar_advantages: ", name, " is on ", t.device(),
               " but rewards is on ", rewards.device());
   return t.reshape({}).to(dtype).contiguous();
 }
@@ -100,13 +133,13 @@ MVaRCall prepare_mvar(const Tensor& rewards_in, int64_t group_size, int64_t bund
                       const std::optional<Tensor>& base_mid, const std::optional<Tensor>& base_low,
                       double eps) {
   check_rewards("mvar_advantages", rewards_in, group_size);
-  TORCH_CHECK(bundle_size >= 1, "mvar_advantages: bundle_size must be >= 1, got ", bundle_size);
-  TORCH_CHECK(alpha > 0 && alpha < beta && beta < 1,
+  RISKPO_CHECK(bundle_size >= 1, "mvar_advantages: bundle_size must be >= 1, got ", bundle_size);
+  RISKPO_CHECK(alpha > 0 && alpha < beta && beta < 1,
               "mvar_advantages: need 0 < alpha < beta < 1, got alpha=", alpha, " beta=", beta);
-  TORCH_CHECK(std::isfinite(w_low) && w_low >= 0, "mvar_advantages: w_low must be finite and >= 0, got ", w_low);
-  TORCH_CHECK(std::isfinite(w_high) && w_high >= 0, "mvar_advantages: w_high must be finite and >= 0, got ", w_high);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "mvar_advantages: eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(q_lo_track.has_value() == q_hi_track.has_value(),
+  RISKPO_CHECK(std::isfinite(w_low) && w_low >= 0, "mvar_advantages: w_low must be finite and >= 0, got ", w_low);
+  RISKPO_CHECK(std::isfinite(w_high) && w_high >= 0, "mvar_advantages: w_high must be finite and >= 0, got ", w_high);
+  RISKPO_CHECK(std::isfinite(eps) && eps >= 0, "mvar_advantages: eps must be finite and >= 0, got ", eps);
+  RISKPO_CHECK(q_lo_track.has_value() == q_hi_track.has_value(),
               "mvar_advantages: q_lo_track and q_hi_track must be given together");
 
   MVaRCall call;
@@ -196,7 +229,7 @@ MVaRResult mvar_advantages_cpu_op(const Tensor& rewards, int64_t group_size, int
 Tensor grpo_advantages_cpu_op(const Tensor& rewards_in, int64_t group_size, bool normalize_std,
                               double eps) {
   check_rewards("grpo_advantages", rewards_in, group_size);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "grpo_advantages: eps must be finite and >= 0, got ", eps);
+  RISKPO_CHECK(std::isfinite(eps) && eps >= 0, "grpo_advantages: eps must be finite and >= 0, got ", eps);
   const Tensor rewards = rewards_in.contiguous();
   Tensor advantages = at::empty_like(rewards);
   grpo_advantages_cpu(rewards.data_ptr(), storage_of(rewards), rewards.numel() / group_size,
@@ -209,14 +242,14 @@ void check_cuda(int err, const char* op, const MVaRCall* call) {
   if (err == 0) return;
   const std::string what = cudaGetErrorString(static_cast<cudaError_t>(err));
   if (call != nullptr) {
-    TORCH_CHECK(false, op, ": CUDA error '", what, "' (group_size=", call->params.group_size,
+    RISKPO_CHECK(false, op, ": CUDA error '", what, "' (group_size=", call->params.group_size,
                 ", bundle_size=", call->params.bundle_size, " need ",
                 8 * (call->params.group_size + call->params.bundle_size) +
                     call->bundle_scores.element_size() *
                         (2 * call->params.group_size + call->params.bundle_size),
                 " bytes of shared memory per block)");
   }
-  TORCH_CHECK(false, op, ": CUDA error '", what, "'");
+  RISKPO_CHECK(false, op, ": CUDA error '", what, "'");
 }
 
 MVaRResult mvar_advantages_cuda_op(const Tensor& rewards, int64_t group_size, int64_t bundle_size,
@@ -244,7 +277,7 @@ MVaRResult mvar_advantages_cuda_op(const Tensor& rewards, int64_t group_size, in
 Tensor grpo_advantages_cuda_op(const Tensor& rewards_in, int64_t group_size, bool normalize_std,
                                double eps) {
   check_rewards("grpo_advantages", rewards_in, group_size);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "grpo_advantages: eps must be finite and >= 0, got ", eps);
+  RISKPO_CHECK(std::isfinite(eps) && eps >= 0, "grpo_advantages: eps must be finite and >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const Tensor rewards = rewards_in.contiguous();
   Tensor advantages = at::empty_like(rewards);

@@ -183,6 +183,22 @@ int with_storage_type(Storage storage, Fn&& fn) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
+// Lets `kernel` use `bytes` of dynamic shared memory. A failed runtime call is
+// also recorded as the thread's last error, which the next unrelated launch
+// check (PyTorch's included) would report as its own: clear it before returning.
+template <typename Kernel>
+cudaError_t raise_shared_memory_limit(Kernel kernel, size_t bytes) {
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess && bytes > static_cast<size_t>(limit)) return cudaErrorInvalidValue;
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  }
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
+
 // Grids stay far below the 2^31 - 1 block limit; the kernels loop past it.
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
@@ -207,8 +223,7 @@ int mvar_advantages_cuda(const void* rewards, Storage storage, int64_t num_promp
     } else {
     auto kernel = mvar_advantages_kernel<T, acc>;
     if (shared_bytes > 48 * 1024) {  // above the default, the limit must be raised per kernel
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+      const cudaError_t err = raise_shared_memory_limit(kernel, shared_bytes);
       if (err != cudaSuccess) return static_cast<int>(err);
     }
     kernel<<<grid, threads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(
