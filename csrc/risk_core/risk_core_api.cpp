@@ -9,9 +9,9 @@
 
 #include <cmath>
 #include <cstdio>
-#include <string_view>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include "risk_core.h"
@@ -65,7 +65,7 @@ Storage storage_of(const Tensor& rewards) {
     case at::kBFloat16: return Storage::kBFloat16;
     default:
       RISKPO_CHECK(false, "riskpo: rewards must be float32, float64, float16 or bfloat16, got ",
-                  rewards.scalar_type());
+                   rewards.scalar_type());
   }
 }
 
@@ -79,7 +79,7 @@ void check_rewards(const char* op, const Tensor& rewards, int64_t group_size) {
   storage_of(rewards);
   RISKPO_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
   RISKPO_CHECK(rewards.numel() % group_size == 0, op, ": rewards length ", rewards.numel(),
-              " is not a multiple of group_size ", group_size);
+               " is not a multiple of group_size ", group_size);
 }
 
 int parse_credit(c10::string_view credit) {
@@ -88,7 +88,7 @@ int parse_credit(c10::string_view credit) {
   if (credit == "std") return mvar::kCreditStd;
   if (credit == "sum-mean") return mvar::kCreditSumMean;
   RISKPO_CHECK(false, "mvar_advantages: credit must be one of uniform, score, std, sum-mean; got '",
-              credit, "'");
+               credit, "'");
 }
 
 int parse_quantile_mode(c10::string_view mode) {
@@ -96,7 +96,7 @@ int parse_quantile_mode(c10::string_view mode) {
   if (mode == "track") return mvar::kTrack;
   if (mode == "mix") return mvar::kMix;
   RISKPO_CHECK(false, "mvar_advantages: quantile_mode must be one of batch, track, mix; got '",
-              mode, "'");
+               mode, "'");
 }
 
 // A 0-d (or one-element) scalar argument, on the rewards' device, in `dtype`.
@@ -106,9 +106,9 @@ std::optional<Tensor> scalar_argument(const char* name, const std::optional<Tens
   const Tensor& t = *value;
   RISKPO_CHECK(t.numel() == 1, "mvar_advantages: ", name, " must hold one value, got shape ", t.sizes());
   RISKPO_CHECK(at::isFloatingType(t.scalar_type()), "mvar_advantages: ", name,
-              " must be floating point, got ", t.scalar_type());
+               " must be floating point, got ", t.scalar_type());
   RISKPO_CHECK(t.device() == rewards.device(), "mvar_advantages: ", name, " is on ", t.device(),
-              " but rewards is on ", rewards.device());
+               " but rewards is on ", rewards.device());
   return t.reshape({}).to(dtype).contiguous();
 }
 
@@ -135,12 +135,12 @@ MVaRCall prepare_mvar(const Tensor& rewards_in, int64_t group_size, int64_t bund
   check_rewards("mvar_advantages", rewards_in, group_size);
   RISKPO_CHECK(bundle_size >= 1, "mvar_advantages: bundle_size must be >= 1, got ", bundle_size);
   RISKPO_CHECK(alpha > 0 && alpha < beta && beta < 1,
-              "mvar_advantages: need 0 < alpha < beta < 1, got alpha=", alpha, " beta=", beta);
+               "mvar_advantages: need 0 < alpha < beta < 1, got alpha=", alpha, " beta=", beta);
   RISKPO_CHECK(std::isfinite(w_low) && w_low >= 0, "mvar_advantages: w_low must be finite and >= 0, got ", w_low);
   RISKPO_CHECK(std::isfinite(w_high) && w_high >= 0, "mvar_advantages: w_high must be finite and >= 0, got ", w_high);
   RISKPO_CHECK(std::isfinite(eps) && eps >= 0, "mvar_advantages: eps must be finite and >= 0, got ", eps);
   RISKPO_CHECK(q_lo_track.has_value() == q_hi_track.has_value(),
-              "mvar_advantages: q_lo_track and q_hi_track must be given together");
+               "mvar_advantages: q_lo_track and q_hi_track must be given together");
 
   MVaRCall call;
   call.rewards = rewards_in.contiguous();
@@ -243,11 +243,11 @@ void check_cuda(int err, const char* op, const MVaRCall* call) {
   const std::string what = cudaGetErrorString(static_cast<cudaError_t>(err));
   if (call != nullptr) {
     RISKPO_CHECK(false, op, ": CUDA error '", what, "' (group_size=", call->params.group_size,
-                ", bundle_size=", call->params.bundle_size, " need ",
-                8 * (call->params.group_size + call->params.bundle_size) +
-                    call->bundle_scores.element_size() *
-                        (2 * call->params.group_size + call->params.bundle_size),
-                " bytes of shared memory per block)");
+                 ", bundle_size=", call->params.bundle_size, " need ",
+                 8 * (call->params.group_size + call->params.bundle_size) +
+                     call->bundle_scores.element_size() *
+                         (2 * call->params.group_size + call->params.bundle_size),
+                 " bytes of shared memory per block)");
   }
   RISKPO_CHECK(false, op, ": CUDA error '", what, "'");
 }
