@@ -8,12 +8,14 @@ The ops are also registered as ``torch.ops.riskpo.*`` for any trainer.
 """
 
 from . import _extension, ops
-from .risk_core import (MVaRResult, QuantileTracker, grpo_advantages, mvar_advantages)
+from .policy_loss import PolicyLossOutput, policy_loss
+from .risk_core import MVaRResult, QuantileTracker, grpo_advantages, mvar_advantages
 
 __version__ = "0.1.0"
 
 extension_available = _extension.AVAILABLE
 extension_with_cuda = _extension.WITH_CUDA
 
-__all__ = ["MVaRResult", "QuantileTracker", "grpo_advantages", "mvar_advantages", "ops",
+__all__ = ["MVaRResult", "PolicyLossOutput", "QuantileTracker", "grpo_advantages",
+           "mvar_advantages", "ops", "policy_loss",
            "extension_available", "extension_with_cuda"]

@@ -23,6 +23,18 @@ SCHEMAS = {
     ),
     # GRPO group advantages (section 7). rewards: (P * n,) -> (P * n,).
     "grpo_advantages": "(Tensor rewards, int group_size, bool normalize_std, float eps) -> Tensor",
+    # Policy loss, vocabulary part (section 8). logits: (N, V), tokens: (N,) int64.
+    # One pass per row: log-prob of the target, entropy, log-sum-exp of
+    # softmax(logits / temperature), each (N,) float32 (float64 for float64 logits).
+    "token_logprob_entropy": (
+        "(Tensor logits, Tensor tokens, float temperature) -> (Tensor, Tensor, Tensor)"
+    ),
+    # Its backward: d(loss)/d(logits) (N, V) in the logits' dtype, recomputing the
+    # softmax from the saved log-sum-exp (nothing of size N * V is saved).
+    "token_logprob_entropy_backward": (
+        "(Tensor grad_logprobs, Tensor grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
+        "Tensor entropy, float temperature) -> Tensor"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -59,3 +71,42 @@ def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, 
 def _grpo_advantages_fake(rewards, group_size, normalize_std, eps):
     _check_fake_rewards("grpo_advantages", rewards, group_size)
     return rewards.new_empty(rewards.shape)
+
+
+@torch.library.register_fake("riskpo::token_logprob_entropy")
+def _token_logprob_entropy_fake(logits, tokens, temperature):
+    torch._check(logits.dim() == 2, lambda: f"logits must be (N, V), got {tuple(logits.shape)}")
+    acc = accumulation_dtype(logits.dtype)
+    rows = logits.shape[0]
+    return (logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc),
+            logits.new_empty((rows,), dtype=acc))
+
+
+@torch.library.register_fake("riskpo::token_logprob_entropy_backward")
+def _token_logprob_entropy_backward_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                         temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _token_logprob_entropy_setup(ctx, inputs, output):
+    logits, tokens, temperature = inputs
+    _, entropy, lse = output
+    # Saved: the input and two floats per row. The softmax is recomputed.
+    ctx.save_for_backward(logits, tokens, lse, entropy)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(lse)
+
+
+def _token_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, tokens, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    grad_logits = torch.ops.riskpo.token_logprob_entropy_backward(
+        grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
+    return grad_logits, None, None
+
+
+torch.library.register_autograd("riskpo::token_logprob_entropy", _token_logprob_entropy_backward,
+                                setup_context=_token_logprob_entropy_setup)

@@ -8,12 +8,11 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdio>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <tuple>
 
+#include "../common/check.h"
 #include "risk_core.h"
 
 #if defined(RISKPO_WITH_CUDA)
@@ -26,36 +25,6 @@ namespace {
 
 using at::Tensor;
 
-// Error messages are built with std::string, never an ostream: on the GPU
-// image (torch 2.11, GCC 13) streaming an integer from extension code
-// (c10::str inside TORCH_CHECK) crashed in std::ostream::_M_insert<long>,
-// turning every argument error into a segfault. A single std::string argument
-// reaches TORCH_CHECK untouched.
-std::string piece(const char* s) { return s; }
-std::string piece(const std::string& s) { return s; }
-std::string piece(std::string_view s) { return std::string(s.data(), s.size()); }
-std::string piece(int64_t v) { return std::to_string(v); }
-std::string piece(double v) {
-  char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%g", v);
-  return buffer;
-}
-std::string piece(at::IntArrayRef shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-std::string piece(at::ScalarType t) { return c10::toString(t); }
-std::string piece(const c10::Device& d) { return d.str(); }
-
-template <typename... Args>
-std::string message(const Args&... args) {
-  std::string out;
-  ((out += piece(args)), ...);
-  return out;
-}
-
-#define RISKPO_CHECK(cond, ...) TORCH_CHECK(cond, ::riskpo::message(__VA_ARGS__))
 
 Storage storage_of(const Tensor& rewards) {
   switch (rewards.scalar_type()) {

@@ -1,0 +1,49 @@
+// Argument checks for the API files: RISKPO_CHECK(cond, pieces...) is
+// TORCH_CHECK with the message built as one std::string.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <string_view>
+
+namespace riskpo {
+namespace check {
+
+// Never an ostream: on the GPU image (torch 2.11, GCC 13) streaming an integer
+// from extension code (c10::str inside TORCH_CHECK) crashed in
+// std::ostream::_M_insert<long>, turning every argument error into a segfault.
+// A single std::string argument reaches TORCH_CHECK untouched.
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(std::string_view s) { return std::string(s.data(), s.size()); }
+inline std::string piece(int64_t v) { return std::to_string(v); }
+inline std::string piece(double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", v);
+  return buffer;
+}
+inline std::string piece(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+inline std::string piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += piece(args)), ...);
+  return out;
+}
+
+}  // namespace check
+}  // namespace riskpo
+
+#define RISKPO_CHECK(cond, ...) TORCH_CHECK(cond, ::riskpo::check::message(__VA_ARGS__))

@@ -1,0 +1,121 @@
+// The policy-loss family's API file: argument checks, allocation, dispatch.
+// Schemas live in riskpo_kernels/ops.py (with the autograd formula); this file
+// registers the CPU implementations.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "../common/check.h"
+#include "policy_loss.h"
+
+namespace riskpo {
+namespace {
+
+using at::Tensor;
+
+LogitsType logits_type(const Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return LogitsType::kFloat32;
+    case at::kDouble: return LogitsType::kFloat64;
+    case at::kHalf: return LogitsType::kFloat16;
+    case at::kBFloat16: return LogitsType::kBFloat16;
+    default:
+      RISKPO_CHECK(false, "token_logprob_entropy: logits must be float32, float64, float16 or ",
+                   "bfloat16, got ", logits.scalar_type());
+  }
+}
+
+at::ScalarType accumulation_type(const Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// logits (N, V) with unit stride along V; tokens (N,) int64 in [0, V).
+Tensor checked_logits(const char* op, const Tensor& logits, const Tensor& tokens, double temperature) {
+  RISKPO_CHECK(logits.dim() == 2, op, ": logits must be (N, V), got shape ", logits.sizes());
+  logits_type(logits);
+  RISKPO_CHECK(logits.size(1) >= 1, op, ": the vocabulary is empty");
+  RISKPO_CHECK(tokens.dim() == 1 && tokens.size(0) == logits.size(0), op, ": tokens must be (N,) = (",
+               logits.size(0), ",), got shape ", tokens.sizes());
+  RISKPO_CHECK(tokens.scalar_type() == at::kLong, op, ": tokens must be int64, got ", tokens.scalar_type());
+  RISKPO_CHECK(tokens.device() == logits.device(), op, ": tokens is on ", tokens.device(),
+               " but logits is on ", logits.device());
+  RISKPO_CHECK(std::isfinite(temperature) && temperature > 0, op,
+               ": temperature must be finite and > 0, got ", temperature);
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+// Token ids index the rows: out of range would read outside the logits.
+void check_token_range(const char* op, const Tensor& tokens, int64_t vocab) {
+  const int64_t* t = tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens.numel(); ++i) {
+    RISKPO_CHECK(t[i] >= 0 && t[i] < vocab, op, ": tokens must lie in [0, ", vocab, "), got ",
+                 t[i], " at position ", i);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> logprob_entropy_cpu_op(const Tensor& logits_in, const Tensor& tokens_in,
+                                                         double temperature) {
+  const char* op = "token_logprob_entropy";
+  const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
+  const Tensor tokens = tokens_in.contiguous();
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_token_range(op, tokens, vocab);
+  const auto options = logits.options().dtype(accumulation_type(logits));
+  Tensor logprobs = at::empty({rows}, options), entropy = at::empty({rows}, options),
+         lse = at::empty({rows}, options);
+  if (accumulation_type(logits) == at::kDouble) {
+    logprob_entropy_cpu<double>(logits.data_ptr(), logits_type(logits), rows, vocab, logits.stride(0),
+                                tokens.data_ptr<int64_t>(), temperature, logprobs.data_ptr<double>(),
+                                entropy.data_ptr<double>(), lse.data_ptr<double>());
+  } else {
+    logprob_entropy_cpu<float>(logits.data_ptr(), logits_type(logits), rows, vocab, logits.stride(0),
+                               tokens.data_ptr<int64_t>(), temperature, logprobs.data_ptr<float>(),
+                               entropy.data_ptr<float>(), lse.data_ptr<float>());
+  }
+  return {logprobs, entropy, lse};
+}
+
+Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor& grad_entropy,
+                                       const Tensor& logits_in, const Tensor& tokens_in,
+                                       const Tensor& lse, const Tensor& entropy, double temperature) {
+  const char* op = "token_logprob_entropy_backward";
+  const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
+  const Tensor tokens = tokens_in.contiguous();
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  check_token_range(op, tokens, vocab);
+  const at::ScalarType acc = accumulation_type(logits);
+  for (const Tensor* t : {&grad_logprobs, &grad_entropy, &lse, &entropy}) {
+    RISKPO_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": per-row inputs must be (", rows,
+                 ",), got shape ", t->sizes());
+  }
+  const Tensor g_logprobs = grad_logprobs.to(acc).contiguous(), g_entropy = grad_entropy.to(acc).contiguous();
+  const Tensor row_lse = lse.to(acc).contiguous(), row_entropy = entropy.to(acc).contiguous();
+  Tensor grad_logits = at::empty({rows, vocab}, logits.options());
+  if (acc == at::kDouble) {
+    logprob_entropy_backward_cpu<double>(g_logprobs.data_ptr<double>(), g_entropy.data_ptr<double>(),
+                                         logits.data_ptr(), logits_type(logits), rows, vocab,
+                                         logits.stride(0), tokens.data_ptr<int64_t>(),
+                                         row_lse.data_ptr<double>(), row_entropy.data_ptr<double>(),
+                                         temperature, grad_logits.data_ptr());
+  } else {
+    logprob_entropy_backward_cpu<float>(g_logprobs.data_ptr<float>(), g_entropy.data_ptr<float>(),
+                                        logits.data_ptr(), logits_type(logits), rows, vocab,
+                                        logits.stride(0), tokens.data_ptr<int64_t>(),
+                                        row_lse.data_ptr<float>(), row_entropy.data_ptr<float>(),
+                                        temperature, grad_logits.data_ptr());
+  }
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(riskpo, CPU, m) {
+  m.impl("token_logprob_entropy", &logprob_entropy_cpu_op);
+  m.impl("token_logprob_entropy_backward", &logprob_entropy_backward_cpu_op);
+}
+
+}  // namespace riskpo

@@ -1,0 +1,109 @@
+"""Plain-PyTorch reference of the token-level policy loss (RISKPO_SPEC.md section 8).
+
+It materialises the float32 log-softmax, as verl and TRL do: the readable spec
+and the test oracle. The loss on top of the per-token log-probs and entropies
+(`token_policy_loss`) is shared by every implementation: it is O(B * T), while
+the vocabulary-sized work is what the kernels replace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+RATIO_LOG_CLAMP = 20.0  # ratio = exp(clamp(logp - old, -20, 20)), as verl
+
+
+def logprobs_and_entropy_reference(logits, tokens, temperature):
+    """logits: (N, V), tokens: (N,) -> logprobs (N,), entropy (N,), both float32
+    (float64 for float64 logits), differentiable w.r.t. logits."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp_all = torch.log_softmax(logits.to(acc) / temperature, dim=-1)        # (N, V)
+    logprobs = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+    p = logp_all.exp()
+    # p log p -> 0 as p -> 0: a -inf logit (masked vocabulary) must give neither
+    # 0 * -inf forward nor, through a where, a NaN gradient backward.
+    entropy = -(p * torch.where(p > 0, logp_all, 0)).sum(-1)
+    return logprobs, entropy
+
+
+def aggregation_weights(mask, agg):
+    """Per-token weights w (B, T) with loss = sum(w * l): the normaliser of every
+    aggregation mode is known from the mask alone. A row without response tokens
+    contributes 0 (and still counts as a sequence); an empty batch gives 0."""
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    B, T = m.shape
+    if agg == "token-mean":
+        total = m.sum()
+        return m / total.clamp(min=torch.finfo(m.dtype).tiny) * (total > 0)
+    if agg == "seq-mean-token-mean":
+        per_row = m.sum(1, keepdim=True)
+        return m / (per_row.clamp(min=torch.finfo(m.dtype).tiny) * max(B, 1)) * (per_row > 0)
+    if agg == "seq-mean-token-sum":
+        return m / max(B, 1)
+    if agg == "seq-mean-token-sum-norm":
+        return m / max(T, 1)
+    raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}; got {agg!r}")
+
+
+def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, ref_logprobs=None,
+                      clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
+                      entropy_coef=0.0, agg="token-mean"):
+    """PPO-clip loss with dual clip, k3 KL and entropy bonus, from per-token values.
+
+    logprobs, entropy: (B, T) differentiable; mask: (B, T); advantages: (B,) or
+    (B, T); old_logprobs, ref_logprobs: (B, T) or None (old = logprobs.detach()).
+    Returns the scalar loss and a dict of 0-d metrics (means over the mask).
+    """
+    acc = logprobs.dtype
+    A = advantages.to(acc)
+    A = A[:, None].expand_as(logprobs) if A.dim() == 1 else A
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(acc)
+    ratio = torch.exp(torch.clamp(logprobs - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+    l1 = -A * ratio
+    l2 = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(l1, l2)
+    l3 = -A * clip_ratio_c
+    per_token = torch.where(A < 0, torch.minimum(clipped, l3), clipped)
+    kl = None
+    if ref_logprobs is not None:
+        delta = ref_logprobs.to(acc) - logprobs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_coef * kl
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy
+
+    # torch.where, not a product: a NaN at a masked-out position (padding) must
+    # not reach the loss, while one at a response token does.
+    weights = aggregation_weights(mask, agg).to(acc)
+    loss = torch.where(weights != 0, weights * per_token, 0).sum()
+
+    m = mask.to(acc)
+    count = m.sum()
+
+    def masked_mean(x):
+        return torch.where(m != 0, x.detach().to(acc) * m, 0).sum() / count.clamp(min=1)
+
+    metrics = {
+        "clipfrac": masked_mean((l2 > l1).to(acc)),
+        "clipfrac_lower": masked_mean(((clipped > l3) & (A < 0)).to(acc)),
+        "approx_kl": masked_mean(old - logprobs.detach()),
+        "entropy": masked_mean(entropy),
+    }
+    if kl is not None:
+        metrics["kl"] = masked_mean(kl)
+    return loss, metrics
+
+
+def policy_loss_reference(logits, tokens, mask, advantages, old_logprobs=None, ref_logprobs=None,
+                          clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
+                          entropy_coef=0.0, temperature=1.0, agg="token-mean"):
+    """logits: (B, T, V) -> (loss, logprobs (B, T), entropy (B, T), metrics)."""
+    B, T, V = logits.shape
+    logprobs, entropy = logprobs_and_entropy_reference(logits.reshape(B * T, V),
+                                                       tokens.reshape(B * T), temperature)
+    logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
+    loss, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
+                                      ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
+                                      entropy_coef, agg)
+    return loss, logprobs, entropy, metrics
