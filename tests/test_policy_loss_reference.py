@@ -77,6 +77,24 @@ def test_logprobs_and_entropy_v3_temperature_cancels():
     close(H, [h, h, h])
 
 
+def test_minus_inf_logit_gives_finite_entropy_and_gradient():
+    # A -inf logit (masked vocabulary) has p = 0 and p log p -> 0.
+    # logits [0, -inf, 0] at T = 1: p = [1/2, 0, 1/2], y = 0: logp = -ln 2, H = ln 2.
+    #   d logp / d x = onehot - p = [1/2, 0, -1/2];
+    #   d H / d x = -p (log p + H) = [-(1/2)(-ln 2 + ln 2), 0, 0] = 0.
+    # logits [ln 3, 0, -inf] at T = 1: p = [3/4, 1/4, 0], y = 1: logp = ln(1/4).
+    x = t64([[0.0, -math.inf, 0.0], [LN3, 0.0, -math.inf]]).requires_grad_()
+    logp, H = logprobs_and_entropy_reference(x, torch.tensor([0, 1]), 1.0)
+    close(logp, [-LN2, math.log(0.25)])
+    close(H, [LN2, entropy_of([0.75, 0.25])])
+    (g_logp,) = torch.autograd.grad(logp.sum(), x, retain_graph=True)
+    (g_H,) = torch.autograd.grad(H.sum(), x)
+    close(g_logp, [[0.5, 0.0, -0.5], [-0.75, 0.75, 0.0]])
+    h1 = entropy_of([0.75, 0.25])
+    close(g_H, [[0.0, 0.0, 0.0],
+                [-0.75 * (math.log(0.75) + h1), -0.25 * (math.log(0.25) + h1), 0.0]])
+
+
 def test_logprobs_and_entropy_float32_accumulates_in_float32():
     # Half-precision logits are promoted to float32 before the log-softmax.
     logits = torch.tensor([[1.0, 3.0]], dtype=torch.bfloat16)
@@ -167,8 +185,9 @@ def test_asymmetric_clip_range():
     old = t64([[0.0, 0.0, 0.0]])
     logp = t64([[math.log(1.25), math.log(1.4), math.log(0.85)]]).requires_grad_()
     A = t64([[1.0, 1.0, -1.0]])
-    loss, metrics = token_policy_loss(logp, torch.zeros(1, 3, dtype=F64), torch.ones(1, 3, dtype=F64),
-                                      A, old_logprobs=old, clip_low=0.1, clip_high=0.3)
+    zeros, ones = torch.zeros(1, 3, dtype=F64), torch.ones(1, 3, dtype=F64)
+    loss, metrics = token_policy_loss(logp, zeros, ones, A, old_logprobs=old, clip_low=0.1,
+                                      clip_high=0.3)
     close(loss, -1.65 / 3)
     (g,) = torch.autograd.grad(loss, logp)
     close(g, [[-1.25 / 3, 0.0, 0.0]])
@@ -181,12 +200,13 @@ def test_ratio_log_clamp_at_20():
     # Token 0: logp - old = 25, A = -1 -> r = e^20; l1 = e^20 > 3 -> dual clip, l = 3.
     # Token 1: logp - old = -25, A = 1 -> r = e^-20; l1 = -e^-20 > l2 = -0.8 -> l = -e^-20,
     #   and its gradient is 0 because the clamp saturates.
-    # token-mean: loss = (3 - e^-20) / 2; approx_kl is the spec's mean(old - logp) = (-25 + 25)/2 = 0
+    # token-mean: loss = (3 - e^-20) / 2; approx_kl is the spec's mean(old - logp)
+    # = (-25 + 25) / 2 = 0
     # (verl logs the clamped difference instead; the two agree for |logp - old| <= 20).
     old = t64([[-30.0, -1.0]])
     logp = t64([[-5.0, -26.0]]).requires_grad_()
-    loss, metrics = token_policy_loss(logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64),
-                                      t64([[-1.0, 1.0]]), old_logprobs=old)
+    zeros, ones = torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64)
+    loss, metrics = token_policy_loss(logp, zeros, ones, t64([[-1.0, 1.0]]), old_logprobs=old)
     close(loss, (3 - math.exp(-20)) / 2)
     (g,) = torch.autograd.grad(loss, logp)
     close(g, [[0.0, 0.0]])
@@ -213,8 +233,10 @@ def test_dual_clip_with_other_c():
 def test_k3_kl_term_and_metric():
     # old absent -> ratio 1, l_ppo = -A. A = 0 here so only the KL term remains.
     # kl = exp(ref - logp) - (ref - logp) - 1:
-    #   token 0: ref - logp = ln 2  -> kl = 2 - ln 2 - 1 = 1 - ln 2;  d kl/d logp = 1 - e^delta = -1.
-    #   token 1: ref - logp = -ln 2 -> kl = 1/2 + ln 2 - 1 = ln 2 - 1/2; d kl/d logp = 1 - 1/2 = 1/2.
+    #   token 0: ref - logp = ln 2  -> kl = 2 - ln 2 - 1 = 1 - ln 2;
+    #            d kl/d logp = 1 - e^delta = -1.
+    #   token 1: ref - logp = -ln 2 -> kl = 1/2 + ln 2 - 1 = ln 2 - 1/2;
+    #            d kl/d logp = 1 - 1/2 = 1/2.
     #   token 2: ref = logp -> kl = 0.
     # kl_coef = 0.1, token-mean over 3: loss = 0.1 (1 - ln 2 + ln 2 - 1/2) / 3 = 0.05 / 3.
     logp = t64([[-1.0, -2.0, -0.5]]).requires_grad_()
@@ -333,8 +355,9 @@ def test_all_masked_batch_gives_zero_loss_metrics_and_gradient(agg):
     mask = torch.zeros(B, T, dtype=F64)
     old = torch.randn(B, T, generator=g, dtype=F64) - 2
     ref = torch.randn(B, T, generator=g, dtype=F64) - 2
-    loss, _, _, m = policy_loss_reference(logits, tokens, mask, torch.randn(B, generator=g, dtype=F64),
-                                          old_logprobs=old, ref_logprobs=ref, kl_coef=0.1,
+    A = torch.randn(B, generator=g, dtype=F64)
+    loss, _, _, m = policy_loss_reference(logits, tokens, mask, A, old_logprobs=old,
+                                          ref_logprobs=ref, kl_coef=0.1,
                                           entropy_coef=0.01, temperature=0.7, agg=agg)
     assert loss.item() == 0.0 and torch.isfinite(loss)
     assert set(m) == {"clipfrac", "clipfrac_lower", "approx_kl", "entropy", "kl"}
@@ -377,9 +400,6 @@ def test_float_mask_weights(agg):
     close(m["entropy"], 1.075 / 4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reference divides the metrics by max(sum(m), 1), not sum(m): a float mask whose "
-    "weights sum to less than 1 gives metrics that are not mean_m (RISKPO_SPEC.md section 8)"))
 def test_float_mask_metrics_when_mask_sums_below_one():
     # m = [0.25, 0.25], H = [1, 3], old - logp = [0.2, 0.4]:
     #   mean_m(H) = (0.25 + 0.75) / 0.5 = 2; mean_m(old - logp) = (0.05 + 0.1) / 0.5 = 0.3.
@@ -456,8 +476,9 @@ def test_full_pipeline_hand_case_v3_temperature_2():
     H0, H1 = entropy_of(p0), math.log(2 + E) - E / (2 + E)
     old = t64([[lp[0] - math.log(1.5), lp[1] - math.log(1.1)]])
     ref = t64([[lp[0] + LN2, lp[1] - LN2]])
-    loss, logp, H, m = policy_loss_reference(logits, tokens, torch.ones(1, 2, dtype=F64), t64([2.0]),
-                                             old_logprobs=old, ref_logprobs=ref, kl_coef=0.1,
+    mask = torch.ones(1, 2, dtype=F64)
+    loss, logp, H, m = policy_loss_reference(logits, tokens, mask, t64([2.0]), old_logprobs=old,
+                                             ref_logprobs=ref, kl_coef=0.1,
                                              entropy_coef=0.01, temperature=2.0)
     close(logp, [lp])
     close(H, [[H0, H1]])

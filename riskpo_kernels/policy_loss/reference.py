@@ -81,8 +81,9 @@ def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, re
     m = mask.to(acc)
     count = m.sum()
 
-    def masked_mean(x):
-        return torch.where(m != 0, x.detach().to(acc) * m, 0).sum() / count.clamp(min=1)
+    def masked_mean(x):  # weighted by a float mask; 0 for an empty mask
+        return torch.where(m != 0, x.detach().to(acc) * m, 0).sum() / count.clamp(
+            min=torch.finfo(acc).tiny)
 
     metrics = {
         "clipfrac": masked_mean((l2 > l1).to(acc)),
