@@ -8,7 +8,7 @@ The ops are also registered as ``torch.ops.riskpo.*`` for any trainer.
 """
 
 from . import _extension, ops
-from .policy_loss import PolicyLossOutput, policy_loss
+from .policy import PolicyLossOutput, fused_linear_policy_loss, policy_loss
 from .risk_core import MVaRResult, QuantileTracker, grpo_advantages, mvar_advantages
 
 __version__ = "0.1.0"
@@ -17,5 +17,5 @@ extension_available = _extension.AVAILABLE
 extension_with_cuda = _extension.WITH_CUDA
 
 __all__ = ["MVaRResult", "PolicyLossOutput", "QuantileTracker", "grpo_advantages",
-           "mvar_advantages", "ops", "policy_loss",
+           "fused_linear_policy_loss", "mvar_advantages", "ops", "policy_loss",
            "extension_available", "extension_with_cuda"]

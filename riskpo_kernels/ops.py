@@ -35,6 +35,18 @@ SCHEMAS = {
         "(Tensor grad_logprobs, Tensor grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
         "Tensor entropy, float temperature) -> Tensor"
     ),
+    # Fused linear policy loss: hidden (N, H), weight (V, H), bias (V,)?, per-token
+    # tokens, aggregation weights, advantages, old/ref log-probs (N,). Chunks of
+    # chunk_size rows; the gradients are finished in forward and returned:
+    # loss (), logprobs (N,), entropy (N,), grad_hidden (N, H), grad_weight (V, H),
+    # grad_bias (V,) (empty without bias). vocab_impl: "cpp" or "triton".
+    "fused_linear_policy_loss": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor weights, "
+        "Tensor advantages, Tensor? old_logprobs, Tensor? ref_logprobs, float clip_low, "
+        "float clip_high, float clip_ratio_c, float kl_coef, float entropy_coef, "
+        "float temperature, int chunk_size, str vocab_impl) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -88,6 +100,51 @@ def _token_logprob_entropy_backward_fake(grad_logprobs, grad_entropy, logits, to
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+def _fused_linear_policy_loss_impl(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
+                                   ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
+                                   entropy_coef, temperature, chunk_size, vocab_impl):
+    from .policy.fused_linear import fused_linear_policy_loss_forward
+
+    return fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, advantages,
+                                            old_logprobs, ref_logprobs, clip_low, clip_high,
+                                            clip_ratio_c, kl_coef, entropy_coef, temperature,
+                                            chunk_size, vocab_impl)
+
+
+# One Python implementation for every device: it composes the per-device ops.
+_LIBRARY.impl("fused_linear_policy_loss", _fused_linear_policy_loss_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("riskpo::fused_linear_policy_loss")
+def _fused_linear_policy_loss_fake(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
+                                   ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
+                                   entropy_coef, temperature, chunk_size, vocab_impl):
+    acc = accumulation_dtype(hidden.dtype)
+    rows = hidden.shape[0]
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((rows,), dtype=acc),
+            hidden.new_empty((rows,), dtype=acc), torch.empty_like(hidden),
+            torch.empty_like(weight), weight.new_empty((weight.shape[0] if bias is not None else 0,)))
+
+
+def _fused_linear_setup(ctx, inputs, output):
+    _, logprobs, entropy, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(logprobs, entropy, grad_hidden, grad_weight, grad_bias)
+
+
+def _fused_linear_backward(ctx, grad_loss, *_unused):
+    # The forward already holds d loss / d inputs: backward only scales them.
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    scale = grad_loss.to(grad_hidden.dtype)
+    return (grad_hidden * scale, grad_weight * scale,
+            grad_bias * scale if ctx.has_bias else None) + (None,) * 13
+
+
+torch.library.register_autograd("riskpo::fused_linear_policy_loss", _fused_linear_backward,
+                                setup_context=_fused_linear_setup)
+
+
 def _token_logprob_entropy_setup(ctx, inputs, output):
     logits, tokens, temperature = inputs
     _, entropy, lse = output
@@ -109,4 +166,70 @@ def _token_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse)
 
 
 torch.library.register_autograd("riskpo::token_logprob_entropy", _token_logprob_entropy_backward,
+                                setup_context=_token_logprob_entropy_setup)
+
+
+# ============================================================================
+# Triton implementations of the policy-loss vocabulary ops (section 8).
+#
+# Ops of their own rather than a CUDA kernel behind token_logprob_entropy: the
+# C++ op keeps its CPU kernel, and the Triton one can be chosen (and tested on
+# the CPU under TRITON_INTERPRET=1) next to it. A CompositeExplicitAutograd
+# implementation serves every device; the op is opaque to torch.compile, which
+# traces it with the fake and calls it at run time, so it compiles even under
+# the interpreter (torch.library.triton_op / wrap_triton cannot be traced there).
+# triton is imported on the first call only: importing riskpo_kernels neither
+# imports triton nor queries a device.
+# ============================================================================
+
+TRITON_SCHEMAS = {
+    # Same contract as token_logprob_entropy. logits: (N, V) on CUDA (or the CPU
+    # under TRITON_INTERPRET=1), tokens: (N,) int64.
+    "token_logprob_entropy_triton": SCHEMAS["token_logprob_entropy"],
+    # Same contract as token_logprob_entropy_backward.
+    "token_logprob_entropy_triton_backward": SCHEMAS["token_logprob_entropy_backward"],
+}
+
+for _name, _schema in TRITON_SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)
+SCHEMAS.update(TRITON_SCHEMAS)
+
+
+def _token_logprob_entropy_triton_impl(logits, tokens, temperature):
+    from .policy.triton_kernels import logprob_entropy_triton
+
+    return logprob_entropy_triton(logits, tokens, temperature)
+
+
+def _token_logprob_entropy_triton_backward_impl(grad_logprobs, grad_entropy, logits, tokens, lse,
+                                                entropy, temperature):
+    from .policy.triton_kernels import logprob_entropy_backward_triton
+
+    return logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                           temperature)
+
+
+_LIBRARY.impl("token_logprob_entropy_triton", _token_logprob_entropy_triton_impl,
+              "CompositeExplicitAutograd")
+_LIBRARY.impl("token_logprob_entropy_triton_backward", _token_logprob_entropy_triton_backward_impl,
+              "CompositeExplicitAutograd")
+torch.library.register_fake("riskpo::token_logprob_entropy_triton", _token_logprob_entropy_fake)
+torch.library.register_fake("riskpo::token_logprob_entropy_triton_backward",
+                            _token_logprob_entropy_backward_fake)
+
+
+def _token_logprob_entropy_triton_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, tokens, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    grad_logits = torch.ops.riskpo.token_logprob_entropy_triton_backward(
+        grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
+    return grad_logits, None, None
+
+
+# The setup (what is saved: logits, tokens and two floats per row) is the C++ op's.
+torch.library.register_autograd("riskpo::token_logprob_entropy_triton",
+                                _token_logprob_entropy_triton_backward,
                                 setup_context=_token_logprob_entropy_setup)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import riskpo_kernels as rk
-from riskpo_kernels.policy_loss import AGGREGATIONS, logprobs_and_entropy_reference
+from riskpo_kernels.policy import AGGREGATIONS, logprobs_and_entropy_reference
 
 from conftest import TOLERANCES, assert_close_for
 

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from riskpo_kernels.policy_loss import (AGGREGATIONS, aggregation_weights,
+from riskpo_kernels.policy import (AGGREGATIONS, aggregation_weights,
                                         logprobs_and_entropy_reference, policy_loss_reference,
                                         token_policy_loss)
 

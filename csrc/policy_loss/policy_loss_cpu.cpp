@@ -105,15 +105,17 @@ void backward_rows(const acc* grad_logprobs, const acc* grad_entropy, const T* l
     const T* x = logits + r * row_stride;
     const acc row_lse = lse[r], row_entropy = entropy[r];
     // d/dz = g_logprob * (onehot - p) - g_entropy * p * (log p + H), then / temperature.
-    for (int64_t i = 0; i < vocab; ++i) {
+    auto softmax_part = [&](int64_t i) -> acc {
       const acc log_p = static_cast<acc>(x[i]) * inv_temperature - row_lse;
       const acc p = std::exp(log_p);
-      out[i] = p == acc(0) ? static_cast<T>(0)  // -inf logit: no gradient, and no 0 * -inf
-                           : static_cast<T>(-p * (g_logprob + g_entropy * (log_p + row_entropy)) *
-                                            inv_temperature);
-    }
+      // A -inf logit has p = 0: no gradient, and no 0 * -inf.
+      return p == acc(0) ? acc(0) : -p * (g_logprob + g_entropy * (log_p + row_entropy));
+    };
+    for (int64_t i = 0; i < vocab; ++i) out[i] = static_cast<T>(softmax_part(i) * inv_temperature);
+    // The target's one-hot term is added before the single rounding to T: adding
+    // it to an already rounded bf16 value loses the (1 - p) cancellation.
     const int64_t y = tokens[r];
-    out[y] = static_cast<T>(static_cast<acc>(out[y]) + g_logprob * inv_temperature);
+    out[y] = static_cast<T>((softmax_part(y) + g_logprob) * inv_temperature);
   }
 }
 

@@ -1,0 +1,268 @@
+"""Policy-loss benchmark: forward + backward of the PPO-clip loss from the
+model's last hidden states, against the way trainers compute it today.
+
+Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
+  plain GRPO loss      logits = hidden @ W.T materialised, float32 log_softmax,
+                       gather, clip (the reference: how verl and TRL compute it)
+  riskpo logits        materialised logits, then rk.policy_loss (one vocabulary
+                       pass forward, one backward, nothing (N, V) saved)
+  riskpo fused-linear  rk.fused_linear_policy_loss: chunked, gradient in forward
+  liger fused-linear   liger_kernel's LigerFusedLinearGRPOLoss, when installed
+  three matmuls        hidden @ W.T, dlogits @ W, dlogits.T @ hidden: the floor
+                       of any implementation that computes the logits
+
+Time: methods alternate inside each round; median and best over the rounds.
+Peak extra memory: each method runs once in a fresh subprocess; on CPU the
+growth of the peak resident set over the resident set before the call, on CUDA
+max_memory_allocated over memory_allocated before it.
+
+Prints a markdown table with ratios against the plain loss and the three
+matmuls, and appends rows (device, versions, commit, time) to a CSV.
+
+    python benchmarks/bench_policy_loss.py                      # CPU sizes
+    python benchmarks/bench_policy_loss.py --device cuda        # GPU sizes, bf16
+    python benchmarks/bench_policy_loss.py --sizes 2048x256x32768 --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import riskpo_kernels as rk  # noqa: E402
+from riskpo_kernels.policy import policy_loss_reference  # noqa: E402
+
+CPU_SIZES = [(2048, 256, 32768), (1024, 256, 32000), (4096, 256, 32000), (1024, 256, 151936),
+             (4096, 256, 151936)]
+CUDA_SIZES = [(t, h, 151936) for t in (4096, 16384) for h in (1536, 4096)]
+CSV_DEFAULT = REPO / "benchmarks" / "results" / "policy_loss.csv"
+CSV_COLUMNS = ["timestamp", "commit", "device", "torch", "python", "method", "tokens", "H", "V",
+               "dtype", "median_ms", "best_ms", "peak_extra_mib", "vs_plain", "vs_matmuls"]
+PLAIN, LOGITS, FUSED, LIGER, MATMULS = ("plain GRPO loss", "riskpo logits", "riskpo fused-linear",
+                                        "liger fused-linear", "three matmuls")
+
+
+def make_inputs(tokens, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = max(1, tokens // 512)
+    T = tokens // B
+    hidden = (torch.randn(B, T, H, generator=g) * 0.5).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(device)
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.1).to(device)
+    advantages = torch.randn(B, generator=g).to(device)
+    with torch.no_grad():
+        old = -torch.rand(B, T, generator=g).to(device) * 5 - 8  # plausible log-probs
+    return dict(hidden=hidden, weight=weight, tokens=labels, mask=mask, advantages=advantages,
+                old_logprobs=old)
+
+
+def method_fn(name, x):
+    """A callable running forward + backward of `name` on inputs `x`."""
+    def leaves():
+        return (x["hidden"].detach().requires_grad_(), x["weight"].detach().requires_grad_())
+
+    if name == PLAIN:
+        def run():
+            h, w = leaves()
+            loss, *_ = policy_loss_reference(h @ w.t(), x["tokens"], x["mask"], x["advantages"],
+                                             old_logprobs=x["old_logprobs"])
+            loss.backward()
+    elif name == LOGITS:
+        def run():
+            h, w = leaves()
+            rk.policy_loss(h @ w.t(), x["tokens"], x["mask"], x["advantages"],
+                           old_logprobs=x["old_logprobs"]).loss.backward()
+    elif name == FUSED:
+        def run():
+            h, w = leaves()
+            rk.fused_linear_policy_loss(h, w, x["tokens"], x["mask"], x["advantages"],
+                                        old_logprobs=x["old_logprobs"]).loss.backward()
+    elif name == LIGER:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger = LigerFusedLinearGRPOLoss()
+        B, T, _ = x["hidden"].shape
+
+        def run():
+            h, w = leaves()
+            out = liger(h, w, x["tokens"], x["mask"].to(h.dtype), x["advantages"],
+                        old_per_token_logps=x["old_logprobs"])
+            (out[0] if isinstance(out, tuple) else out).backward()
+    elif name == MATMULS:
+        h2 = x["hidden"].reshape(-1, x["hidden"].shape[-1])
+        dlogits = torch.randn(h2.shape[0], x["weight"].shape[0], dtype=h2.dtype, device=h2.device)
+
+        def run():
+            h2 @ x["weight"].t()
+            dlogits @ x["weight"]
+            dlogits.t() @ h2
+    else:
+        raise ValueError(name)
+    return run
+
+
+def available_methods():
+    methods = [PLAIN, LOGITS, FUSED, MATMULS]
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+        methods.insert(3, LIGER)
+    except Exception:  # not installed, or incompatible with this torch
+        pass
+    return methods
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(methods, x, device, rounds):
+    fns = {m: method_fn(m, x) for m in methods}
+    for fn in fns.values():  # warm-up: allocator, kernel compilation
+        fn()
+    sync(device)
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, fn in fns.items():  # alternate, so drift hits every method alike
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[m].append(time.perf_counter() - start)
+    return {m: (statistics.median(t) * 1e3, min(t) * 1e3) for m, t in times.items()}
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_peak_here(method, tokens, H, V, dtype, device):
+    """Runs in a fresh process: peak extra bytes of one forward + backward."""
+    # A tiny warm-up first: lazy imports and one-time set-up stay out of the peak.
+    method_fn(method, make_inputs(64, 8, 50, getattr(torch, dtype), device))()
+    x = make_inputs(tokens, H, V, getattr(torch, dtype), device)
+    fn = method_fn(method, x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = rss_bytes()
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def measure_peak(method, tokens, H, V, dtype, device):
+    cmd = [sys.executable, __file__, "--peak-of", json.dumps([method, tokens, H, V, dtype, device])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        print(f"note: peak memory of {method} failed: {out.stderr.strip()[-300:]}")
+        return float("nan")
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def git_commit():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--sizes", help="comma-separated TOKENSxHxV, e.g. 2048x256x32768")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds (smoke test)")
+    ap.add_argument("--csv", type=Path, default=CSV_DEFAULT)
+    ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--peak-of", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.peak_of:
+        print(measure_peak_here(*json.loads(args.peak_of)))
+        return 0
+    device = args.device
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if args.quick:
+        sizes, args.rounds = [(256, 64, 1000)], 2
+    elif args.sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    else:
+        sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
+    methods = available_methods()
+    print(f"Policy loss fwd+bwd on {device_name(device)}, torch {torch.__version__}, {dtype}, "
+          f"{torch.get_num_threads()} threads; methods: {', '.join(methods)}\n")
+    rows = []
+    for tokens, H, V in sizes:
+        x = make_inputs(tokens, H, V, getattr(torch, dtype), device)
+        timings = time_methods(methods, x, device, args.rounds)
+        del x
+        for m in methods:
+            peak = float("nan") if args.no_memory else measure_peak(m, tokens, H, V, dtype, device)
+            rows.append(dict(method=m, tokens=tokens, H=H, V=V, dtype=dtype,
+                             median_ms=timings[m][0], best_ms=timings[m][1], peak_extra_mib=peak))
+        plain, floor = timings[PLAIN][1], timings[MATMULS][1]
+        for r in rows[-len(methods):]:
+            r["vs_plain"] = plain / r["best_ms"]
+            r["vs_matmuls"] = r["best_ms"] / floor
+
+    print("| tokens x H x V | method | median ms | best ms | peak extra MiB | speed-up vs plain | x three matmuls |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['tokens']} x {r['H']} x {r['V']} | {r['method']} | {r['median_ms']:.1f} | "
+              f"{r['best_ms']:.1f} | {r['peak_extra_mib']:.0f} | {r['vs_plain']:.2f}x | "
+              f"{r['vs_matmuls']:.2f} |")
+    if not args.no_csv:
+        new = not args.csv.exists()
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        common = dict(timestamp=stamp, commit=git_commit(), device=device_name(device),
+                      torch=torch.__version__, python=platform.python_version())
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new:
+                writer.writeheader()
+            for r in rows:
+                writer.writerow({**common, **{k: (f"{v:.3f}" if isinstance(v, float) else v)
+                                              for k, v in r.items()}})
+        print(f"\nappended {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Public policy-loss function: checks, implementation choice, output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _validation as v
+from .fused_linear import default_chunk_size
+from .reference import (AGGREGATIONS, aggregation_weights, logprobs_and_entropy_reference,
+                        token_policy_loss)
+
+IMPLS = ("auto", "reference", "cpp", "triton")
+
+
+@dataclass(frozen=True)
+class PolicyLossOutput:
+    """loss: scalar, differentiable. logprobs, entropy: (B, T) float32 (float64
+    for float64 logits), detached. metrics: 0-d tensors clipfrac, clipfrac_lower,
+    approx_kl, entropy, and kl when reference log-probs are given."""
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+def _check_token_tensor(name, t, shape, device):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits is on {device}")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve(impl, device):
+    """auto: Triton on CUDA, C++ on CPU, the reference where neither is built.
+    triton on CPU tensors runs under TRITON_INTERPRET=1 (how CI tests it)."""
+    v.check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        if device.type == "cpu" and v._extension.AVAILABLE:
+            return "cpp"
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "reference"
+    if impl == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' needs cpu tensors, got logits on {device}")
+        if not v._extension.AVAILABLE:
+            raise RuntimeError(f"impl='cpp': the compiled extension is not available "
+                               f"({v._extension.LOAD_ERROR})")
+    if impl == "triton" and not _triton_available():
+        raise RuntimeError("impl='triton': triton is not installed")
+    return impl
+
+
+@dataclass(frozen=True)
+class _LossArgs:
+    tokens: torch.Tensor  # (B, T) int64
+    clip_low: float
+    clip_high: float
+    clip_ratio_c: float
+    kl_coef: float
+    entropy_coef: float
+    temperature: float
+
+
+def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, ref_logprobs,
+                     clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
+                     agg) -> _LossArgs:
+    """The checks shared by both loss paths; each error names its argument."""
+    _check_token_tensor("tokens", tokens, (B, T), device)
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+    _check_token_tensor("mask", mask, (B, T), device)
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
+        shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must be (B,) = ({B},) or (B, T) = ({B}, {T}), got {shape}")
+    _check_token_tensor("advantages", advantages, advantages.shape, device)
+    v.check_float_tensor("advantages", advantages)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            _check_token_tensor(name, t, (B, T), device)
+            v.check_float_tensor(name, t)
+    clip_low = v.check_float("clip_low", clip_low, minimum=0.0)
+    clip_high = v.check_float("clip_high", clip_high, minimum=0.0)
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be < 1, got {clip_low}")
+    clip_ratio_c = v.check_float("clip_ratio_c", clip_ratio_c)
+    if clip_ratio_c <= 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    kl_coef = v.check_float("kl_coef", kl_coef, minimum=0.0)
+    entropy_coef = v.check_float("entropy_coef", entropy_coef)
+    temperature = v.check_float("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    v.check_choice("agg", agg, AGGREGATIONS)
+    tokens = tokens.long()
+    # Out-of-range ids would index outside a row. Checking costs a sync on GPU,
+    # so there the kernels' callers must pass valid ids (the C++ op checks too).
+    if device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= V:
+            raise ValueError(f"tokens must lie in [0, {V}), got values in [{low}, {high}]")
+    return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
+
+
+def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logprobs=None,
+                clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
+                temperature=1.0, agg="token-mean", impl="auto") -> PolicyLossOutput:
+    """PPO-clip policy loss of RiskPO / GRPO (RISKPO_SPEC.md section 8), per token::
+
+        logp  = log_softmax(logits / T)[y],   H = entropy(softmax(logits / T))
+        ratio = exp(clamp(logp - old, -20, 20))
+        l     = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))
+        l     = min(l, -A clip_ratio_c)        where A < 0 (dual clip)
+        l    += kl_coef (exp(ref - logp) - (ref - logp) - 1) - entropy_coef H
+
+    aggregated over the mask by ``agg`` (token-mean, seq-mean-token-mean,
+    seq-mean-token-sum, seq-mean-token-sum-norm).
+
+    logits: (B, T, V); tokens: (B, T) int64 in [0, V); mask: (B, T) bool or
+    float; advantages: (B,) or (B, T); old_logprobs, ref_logprobs: (B, T) or None.
+    The vocabulary-sized work runs in one pass forward and one backward
+    (``impl="triton"`` on CUDA, ``"cpp"`` on CPU; ``"auto"`` picks by device);
+    nothing of size B*T*V is saved for backward.
+    """
+    v.check_float_tensor("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V < 1:
+        raise ValueError("logits has an empty vocabulary (V = 0)")
+    args = _check_loss_args(B, T, V, logits.device, tokens, mask, advantages, old_logprobs,
+                            ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
+                            entropy_coef, temperature, agg)
+    impl = _resolve(impl, logits.device)
+
+    flat_logits, flat_tokens = logits.reshape(B * T, V), args.tokens.reshape(B * T)
+    if impl == "reference":
+        logprobs, entropy = logprobs_and_entropy_reference(flat_logits, flat_tokens, args.temperature)
+    else:
+        vocab_op = (torch.ops.riskpo.token_logprob_entropy if impl == "cpp"
+                    else torch.ops.riskpo.token_logprob_entropy_triton)
+        logprobs, entropy, _ = vocab_op(flat_logits, flat_tokens, args.temperature)
+    logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
+    loss, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
+                                      ref_logprobs, args.clip_low, args.clip_high,
+                                      args.clip_ratio_c, args.kl_coef, args.entropy_coef, agg)
+    return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
+
+
+def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=None,
+                             chunk_size=None, old_logprobs=None, ref_logprobs=None,
+                             clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
+                             entropy_coef=0.0, temperature=1.0, agg="token-mean",
+                             impl="auto") -> PolicyLossOutput:
+    """:func:`policy_loss` of ``logits = hidden @ weight.T + bias`` without ever
+    holding the (B, T, V) logits: chunks of ``chunk_size`` tokens go through the
+    matmul, the vocabulary kernels and the gradient in the forward pass, so peak
+    extra memory is O(chunk_size * V). The loss is differentiable w.r.t. hidden,
+    weight and bias.
+
+    hidden: (B, T, H); weight: (V, H) (an lm_head); bias: (V,) or None; the other
+    arguments as in :func:`policy_loss`. ``impl="reference"`` materialises the
+    logits and runs the reference (the oracle).
+    """
+    v.check_float_tensor("hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
+    B, T, H = hidden.shape
+    v.check_float_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"weight must be (V, H) with H = {H} and V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                         f"({hidden.dtype}, {hidden.device})")
+    V = weight.shape[0]
+    if bias is not None:
+        v.check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(f"bias must be ({V},) {hidden.dtype} on {hidden.device}, got "
+                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if chunk_size is not None:
+        chunk_size = v.check_int("chunk_size", chunk_size, 1)
+    args = _check_loss_args(B, T, V, hidden.device, tokens, mask, advantages, old_logprobs,
+                            ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
+                            entropy_coef, temperature, agg)
+    impl = _resolve(impl, hidden.device)
+    if impl == "reference":
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return policy_loss(logits, args.tokens, mask, advantages, old_logprobs=old_logprobs,
+                           ref_logprobs=ref_logprobs, clip_low=args.clip_low,
+                           clip_high=args.clip_high, clip_ratio_c=args.clip_ratio_c,
+                           kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
+                           temperature=args.temperature, agg=agg, impl="reference")
+
+    N = B * T
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights = aggregation_weights(mask, agg).to(acc).reshape(N)
+    A = advantages.to(acc)
+    A = (A[:, None].expand(B, T) if A.dim() == 1 else A).reshape(N)
+    old = None if old_logprobs is None else old_logprobs.to(acc).reshape(N)
+    ref = None if ref_logprobs is None else ref_logprobs.to(acc).reshape(N)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, V, hidden.device)
+    loss, logprobs, entropy, *_ = torch.ops.riskpo.fused_linear_policy_loss(
+        hidden.reshape(N, H), weight, bias, args.tokens.reshape(N), weights, A, old, ref,
+        args.clip_low, args.clip_high, args.clip_ratio_c, args.kl_coef, args.entropy_coef,
+        args.temperature, chunk_size, impl)
+    logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
+    with torch.no_grad():  # the metrics are cheap O(B*T) functions of the detached values
+        _, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
+                                       ref_logprobs, args.clip_low, args.clip_high,
+                                       args.clip_ratio_c, args.kl_coef, args.entropy_coef, agg)
+    return PolicyLossOutput(loss, logprobs, entropy, metrics)

@@ -1,0 +1,161 @@
+"""Fused linear policy loss (chunked lm_head + vocabulary kernels, gradient in
+forward) against the reference that materialises the logits."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+import riskpo_kernels as rk
+from riskpo_kernels.policy import AGGREGATIONS, aggregation_weights, token_policy_loss
+from riskpo_kernels.policy.token_loss import token_loss_and_grads
+
+from conftest import assert_close_for
+
+
+def seeded(*parts):
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def make_inputs(B, T, H, V, dtype, g, with_bias, with_old, with_ref, per_token_adv):
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+    bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if with_bias else None
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[-1] = False
+    mask[0, 0] = True
+    advantages = torch.randn((B, T) if per_token_adv else (B,), generator=g)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden.double(), weight.double(),
+                                            None if bias is None else bias.double())
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    old = (logp + 0.6 * torch.randn(B, T, generator=g, dtype=torch.float64)).float() if with_old else None
+    ref = (logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float() if with_ref else None
+    return hidden, weight, bias, tokens, mask, advantages, old, ref
+
+
+def run(impl, hidden, weight, bias, tokens, mask, advantages, old, ref, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (hidden, weight, bias)]
+    out = rk.fused_linear_policy_loss(leaves[0], leaves[1], tokens, mask, advantages, bias=leaves[2],
+                                      old_logprobs=old, ref_logprobs=ref, impl=impl, **kwargs)
+    (out.loss * 1.5).backward()  # a non-unit upstream gradient: backward must scale
+    return out, [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias, with_old, with_ref", [(False, False, False), (True, True, False),
+                                                          (False, True, True)])
+def test_fused_cpp_matches_reference(cpp_available, agg, dtype, with_bias, with_old, with_ref):
+    g = seeded(agg, dtype, with_bias, with_old, with_ref)
+    for (B, T, H, V), chunk, temperature, per_token in itertools.product(
+            [(2, 3, 8, 1), (3, 4, 16, 37), (2, 5, 12, 2053)], (1, 4, None), (1.0, 0.7), (False, True)):
+        inputs = make_inputs(B, T, H, V, dtype, g, with_bias, with_old, with_ref, per_token)
+        kwargs = dict(agg=agg, temperature=temperature, kl_coef=0.05 if with_ref else 0.0,
+                      entropy_coef=0.01)
+        got, got_grads = run("cpp", *inputs, chunk_size=chunk, **kwargs)
+        want, want_grads = run("reference", *inputs, **kwargs)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        what = f"{(B, T, H, V)} chunk={chunk} T={temperature}"
+        assert_close_for(got.loss, want.loss.to(acc), acc, msg=lambda m: f"loss {what}: {m}")
+        for name in ("logprobs", "entropy"):
+            assert_close_for(getattr(got, name), getattr(want, name), acc,
+                             msg=lambda m: f"{name} {what}: {m}")
+        for key in want.metrics:
+            assert_close_for(got.metrics[key], want.metrics[key], acc, msg=lambda m: f"{key}: {m}")
+        for name, a, b in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+            if b is None:
+                assert a is None
+                continue
+            assert a.dtype == dtype
+            if dtype == torch.bfloat16:
+                # Both round the logits and their gradient to bf16 between matmuls,
+                # in different chunkings: compare by relative norm, as METHOD.md does.
+                err = (a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)
+                assert err < 2e-2, f"grad {name} {what}: relative error {err:.2e}"
+            else:
+                assert_close_for(a, b, dtype, msg=lambda m: f"grad {name} {what}: {m}")
+
+
+def test_closed_form_token_gradients_equal_autograd():
+    g = seeded("closed-form")
+    for agg, with_old in itertools.product(AGGREGATIONS, (False, True)):
+        B, T = 5, 7
+        logp = (torch.randn(B, T, generator=g, dtype=torch.float64) - 2).requires_grad_()
+        entropy = (torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+        mask = torch.rand(B, T, generator=g) > 0.3
+        A = torch.randn(B, generator=g, dtype=torch.float64)
+        A[0] = 0.0
+        old = logp.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.7 if with_old else None
+        if with_old:  # exact ties: ratio on each clip boundary, and on the dual clip
+            old[1, 0] = logp[1, 0].detach() - torch.log(torch.tensor(1.2, dtype=torch.float64))
+            old[1, 1] = logp[1, 1].detach() - torch.log(torch.tensor(0.8, dtype=torch.float64))
+        ref = logp.detach() + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+        loss, _ = token_policy_loss(logp, entropy, mask, A, old, ref, kl_coef=0.1,
+                                    entropy_coef=0.02, agg=agg)
+        want_lp, want_h = torch.autograd.grad(loss, (logp, entropy))
+        w = aggregation_weights(mask, agg).double().reshape(-1)
+        got_loss, got_lp, got_h = token_loss_and_grads(
+            logp.detach().reshape(-1), entropy.detach().reshape(-1), w,
+            A[:, None].expand(B, T).reshape(-1), None if old is None else old.reshape(-1),
+            ref.reshape(-1), kl_coef=0.1, entropy_coef=0.02)
+        torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_lp.view(B, T), want_lp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_h.view(B, T), want_h, rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck_fused_op(cpp_available):
+    g = seeded("opcheck")
+    N, H, V = 7, 6, 11
+    for bias in (None, torch.randn(V, generator=g)):
+        args = (torch.randn(N, H, generator=g, requires_grad=True),
+                torch.randn(V, H, generator=g, requires_grad=True),
+                None if bias is None else bias.requires_grad_(),
+                torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g),
+                torch.randn(N, generator=g), torch.randn(N, generator=g) - 2, None,
+                0.2, 0.28, 3.0, 0.0, 0.01, 0.9, 3, "cpp")
+        torch.library.opcheck(torch.ops.riskpo.fused_linear_policy_loss.default, args)
+
+
+def test_torch_compile_fullgraph(cpp_available):
+    torch._dynamo.reset()
+    hidden, weight, bias, tokens, mask, advantages, old, _ = make_inputs(
+        2, 3, 8, 19, torch.float32, seeded("compile"), True, True, False, False)
+
+    def step(h, w):
+        return rk.fused_linear_policy_loss(h, w, tokens, mask, advantages, bias=bias,
+                                           old_logprobs=old, chunk_size=2).loss
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    compiled(h1, w1).backward()
+    step(h2, w2).backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+GOOD = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(5, 4),
+            tokens=torch.zeros(2, 3, dtype=torch.long), mask=torch.ones(2, 3),
+            advantages=torch.ones(2))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(hidden=torch.randn(6, 4)), r"hidden must be \(B, T, H\)"),
+    (dict(weight=torch.randn(5, 3)), r"weight must be \(V, H\) with H = 4"),
+    (dict(weight=torch.randn(5, 4).double()), "must match hidden"),
+    (dict(bias=torch.randn(4)), r"bias must be \(5,\)"),
+    (dict(chunk_size=0), "chunk_size must be >= 1"),
+    (dict(tokens=torch.full((2, 3), 5)), r"tokens must lie in \[0, 5\)"),
+    (dict(agg="mean"), "agg must be one of"),
+])
+def test_bad_input(overrides, match):
+    kwargs = {**GOOD, **overrides}
+    with pytest.raises(ValueError, match=match):
+        rk.fused_linear_policy_loss(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("tokens"),
+                                    kwargs.pop("mask"), kwargs.pop("advantages"), **kwargs)
