@@ -22,7 +22,9 @@ def _extension():
     cpp_sources = _sources("**/*.cpp")
     # -fopenmp: at::parallel_for runs serially in code compiled without it (its
     # OpenMP body is header-only). The library resolves to the libgomp torch loads.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math / -fno-math-errno (torch builds with both): without them
+    # GCC does not if-convert the float selects of the vocabulary loops.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
     sanitizer = os.environ.get("RISKPO_SANITIZE")  # e.g. "address": a debugging build
     if sanitizer:

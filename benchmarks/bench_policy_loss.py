@@ -12,9 +12,9 @@ Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
                        of any implementation that computes the logits
 
 Time: methods alternate inside each round; median and best over the rounds.
-Peak extra memory: each method runs once in a fresh subprocess; on CPU the
-growth of the peak resident set over the resident set before the call, on CUDA
-max_memory_allocated over memory_allocated before it.
+Peak extra memory: each method runs once in a fresh subprocess (after a tiny
+warm-up); on CPU the peak resident set (VmHWM, reset just before the call) over
+the resident set before it, on CUDA max_memory_allocated over memory_allocated.
 
 Prints a markdown table with ratios against the plain loss and the three
 matmuls, and appends rows (device, versions, commit, time) to a CSV.
@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -152,6 +151,21 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes():
+    """VmHWM: this address space's peak resident set. Not ru_maxrss, which a
+    child inherits from its parent across fork and exec on Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
+        f.write("5")
+
+
 def measure_peak_here(method, tokens, H, V, dtype, device):
     """Runs in a fresh process: peak extra bytes of one forward + backward."""
     # A tiny warm-up first: lazy imports and one-time set-up stay out of the peak.
@@ -166,8 +180,9 @@ def measure_peak_here(method, tokens, H, V, dtype, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     before = rss_bytes()
+    reset_peak_rss()
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return peak_rss_bytes() - before
 
 
 def measure_peak(method, tokens, H, V, dtype, device):

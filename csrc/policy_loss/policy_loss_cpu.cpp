@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -16,6 +18,83 @@ namespace riskpo {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // floats per vocabulary block: 8 KiB, stays in L1
+
+// The float32 hot loops are compiled twice, for AVX2+FMA and for baseline
+// x86-64, and picked at load time: a source build need not know its CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RISKPO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RISKPO_CPU_CLONES
+#endif
+
+// max(x, lo), NaN giving lo. A select, not std::fmax: GCC does not inline
+// fmaxf in the AVX2 clone, and the call stops vectorisation.
+__attribute__((always_inline)) inline float floor_at(float x, float lo) { return x > lo ? x : lo; }
+
+// exp(x) for x <= ~0 (arguments are logits minus their max), written so that
+// loops calling it vectorise (libm's expf is a call per element): Cephes'
+// reduction x = n ln2 + r, |r| <= ln2 / 2, and its polynomial for e^r (~1 ulp).
+// Below -87 (where expf underflows) it is exactly 0, so -inf logits give p = 0
+// (and so does NaN, which the callers flag separately).
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  const float xc = floor_at(x, -87.0f);
+  const int32_t n = static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f);  // round, for <= 0.5
+  const float fn = static_cast<float>(n);
+  const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float e_r = poly * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;  // 2^n, n in [-126, 0]
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return static_cast<float>(x >= -87.0f) * (e_r * two_n);
+}
+
+// Max of a block and whether it holds NaN or +inf (which make the row NaN;
+// -inf is a legitimate logit with probability 0).
+RISKPO_CPU_CLONES void block_max_and_bad(const float* z, int64_t len, float* max_out, bool* bad_out) {
+  float m = -std::numeric_limits<float>::infinity();
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t i = 0; i < len; ++i) {
+    m = z[i] > m ? z[i] : m;
+    bad |= (z[i] != z[i]) | (z[i] == std::numeric_limits<float>::infinity());
+  }
+  *max_out = m;
+  *bad_out = bad != 0;
+}
+
+// s = sum exp(z - shift), t = sum exp(z - shift) (z - shift) over one block.
+RISKPO_CPU_CLONES void block_exp_sums(const float* z, int64_t len, float shift, double* s_out,
+                                      double* t_out) {
+  float s = 0, t = 0;  // a block is short: float partial sums, merged in double
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t i = 0; i < len; ++i) {
+    const float d = z[i] - shift;
+    const float e = exp_nonpositive(d);
+    s += e;
+    t += e * floor_at(d, -87.0f);  // -inf logits add 0, not 0 * -inf = NaN
+  }
+  *s_out = s;
+  *t_out = t;
+}
+
+// out = (-p (g_lp + g_H (log p + H))) / T with log p = z - lse, for one block.
+RISKPO_CPU_CLONES void block_softmax_grad(const float* z, int64_t len, float lse, float g_logprob,
+                                          float g_entropy, float entropy, float inv_temperature,
+                                          float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float log_p = z[i] - lse;
+    const float p = exp_nonpositive(log_p);
+    // A -inf logit has p = 0 and gets 0, not 0 * -inf = NaN: log p is floored.
+    out[i] = -p * (g_logprob + g_entropy * (floor_at(log_p, -87.0f) + entropy)) * inv_temperature;
+  }
+}
 
 template <typename Fn>
 void with_logits_type(LogitsType type, Fn&& fn) {
@@ -61,6 +140,19 @@ void forward_rows(const T* logits, int64_t vocab, int64_t row_stride, const int6
     bool finite = true;
     for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
       const int64_t len = std::min(kBlock, vocab - b0);
+      if constexpr (std::is_same_v<acc, float>) {
+        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(x[b0 + i]) * inv_temperature;
+        float block_max;
+        bool bad;
+        block_max_and_bad(z, len, &block_max, &bad);
+        finite = finite && !bad;
+        double block_s = 0, block_t = 0;
+        if (block_max != -std::numeric_limits<float>::infinity() && !bad) {
+          block_exp_sums(z, len, block_max, &block_s, &block_t);
+        }
+        stats.merge(block_max, block_s, block_t);
+        continue;
+      }
       acc block_max = -std::numeric_limits<acc>::infinity();
       for (int64_t i = 0; i < len; ++i) {
         z[i] = static_cast<acc>(x[b0 + i]) * inv_temperature;
@@ -104,6 +196,28 @@ void backward_rows(const acc* grad_logprobs, const acc* grad_entropy, const T* l
     }
     const T* x = logits + r * row_stride;
     const acc row_lse = lse[r], row_entropy = entropy[r];
+    const int64_t y = tokens[r];
+    if constexpr (std::is_same_v<acc, float>) {
+      float z[kBlock], g[kBlock];
+      for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
+        const int64_t len = std::min(kBlock, vocab - b0);
+        for (int64_t i = 0; i < len; ++i) z[i] = static_cast<float>(x[b0 + i]) * inv_temperature;
+        if constexpr (std::is_same_v<T, float>) {
+          block_softmax_grad(z, len, row_lse, g_logprob, g_entropy, row_entropy, inv_temperature,
+                             out + b0);
+        } else {
+          block_softmax_grad(z, len, row_lse, g_logprob, g_entropy, row_entropy, inv_temperature, g);
+          for (int64_t i = 0; i < len; ++i) out[b0 + i] = static_cast<T>(g[i]);
+        }
+      }
+      // The target's one-hot term joins before the single rounding to T: added
+      // to an already rounded bf16 value it would lose the (1 - p) cancellation.
+      const float z_y = static_cast<float>(x[y]) * inv_temperature;
+      float g_y;
+      block_softmax_grad(&z_y, 1, row_lse, g_logprob, g_entropy, row_entropy, inv_temperature, &g_y);
+      out[y] = static_cast<T>(g_y + g_logprob * inv_temperature);
+      continue;
+    }
     // d/dz = g_logprob * (onehot - p) - g_entropy * p * (log p + H), then / temperature.
     auto softmax_part = [&](int64_t i) -> acc {
       const acc log_p = static_cast<acc>(x[i]) * inv_temperature - row_lse;
@@ -112,9 +226,6 @@ void backward_rows(const acc* grad_logprobs, const acc* grad_entropy, const T* l
       return p == acc(0) ? acc(0) : -p * (g_logprob + g_entropy * (log_p + row_entropy));
     };
     for (int64_t i = 0; i < vocab; ++i) out[i] = static_cast<T>(softmax_part(i) * inv_temperature);
-    // The target's one-hot term is added before the single rounding to T: adding
-    // it to an already rounded bf16 value loses the (1 - p) cancellation.
-    const int64_t y = tokens[r];
     out[y] = static_cast<T>((softmax_part(y) + g_logprob) * inv_temperature);
   }
 }
