@@ -10,6 +10,7 @@ The ops are also registered as ``torch.ops.riskpo.*`` for any trainer.
 from . import _extension, ops
 from .policy import PolicyLossOutput, fused_linear_policy_loss, policy_loss
 from .risk_core import MVaRResult, QuantileTracker, grpo_advantages, mvar_advantages
+from .riskpo_loss import riskpo_policy_loss
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ extension_with_cuda = _extension.WITH_CUDA
 
 __all__ = ["MVaRResult", "PolicyLossOutput", "QuantileTracker", "grpo_advantages",
            "fused_linear_policy_loss", "mvar_advantages", "ops", "policy_loss",
+           "riskpo_policy_loss",
            "extension_available", "extension_with_cuda"]
