@@ -3,7 +3,7 @@
 # nothing of this project installed (see DEVELOPERS.md, the `device` tool):
 #   1. builds the extension with its CUDA kernels against the machine's torch;
 #   2. runs the whole test suite (the CUDA tests run there, skip here);
-#   3. runs the advantage benchmark on CUDA;
+#   3. runs the advantage and policy-loss benchmarks on CUDA;
 #   4. leaves logs and CSVs in $OUT and prints a summary last.
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh          # on the GPU machine
@@ -65,6 +65,15 @@ else
   $PY benchmarks/bench_advantages.py --quick --csv "$OUT/advantages_cpu.csv" 2>&1 | tee "$OUT/bench_cpu.log"
 fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "benchmark"
+
+step "policy-loss benchmark"
+if [ "$MODE" = gpu ]; then
+  $PY benchmarks/bench_policy_loss.py --device cuda --rounds 5 --csv "$OUT/policy_loss_cuda.csv" 2>&1 \
+    | tee "$OUT/bench_policy_loss_cuda.log"
+else
+  $PY benchmarks/bench_policy_loss.py --quick --csv "$OUT/policy_loss_cpu.csv" 2>&1 | tee "$OUT/bench_policy_loss_cpu.log"
+fi
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "policy-loss benchmark"
 
 step "summary"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _extension
 from .. import _validation as v
 from .fused_linear import default_chunk_size
 from .reference import (AGGREGATIONS, aggregation_weights, logprobs_and_entropy_reference,
@@ -48,7 +49,7 @@ def _resolve(impl, device):
     triton on CPU tensors runs under TRITON_INTERPRET=1 (how CI tests it)."""
     v.check_choice("impl", impl, IMPLS)
     if impl == "auto":
-        if device.type == "cpu" and v._extension.AVAILABLE:
+        if device.type == "cpu" and _extension.AVAILABLE:
             return "cpp"
         if device.type == "cuda" and _triton_available():
             return "triton"
@@ -56,9 +57,9 @@ def _resolve(impl, device):
     if impl == "cpp":
         if device.type != "cpu":
             raise ValueError(f"impl='cpp' needs cpu tensors, got logits on {device}")
-        if not v._extension.AVAILABLE:
+        if not _extension.AVAILABLE:
             raise RuntimeError(f"impl='cpp': the compiled extension is not available "
-                               f"({v._extension.LOAD_ERROR})")
+                               f"({_extension.LOAD_ERROR})")
     if impl == "triton" and not _triton_available():
         raise RuntimeError("impl='triton': triton is not installed")
     return impl
