@@ -154,18 +154,24 @@ def _token_logprob_entropy_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _token_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, tokens, lse, entropy = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if grad_entropy is None:
-        grad_entropy = torch.zeros_like(lse)
-    grad_logits = torch.ops.riskpo.token_logprob_entropy_backward(
-        grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
-    return grad_logits, None, None
+def _vocab_backward(backward_op_name):
+    """The autograd formula of a log-prob/entropy op: its backward op, fed with
+    zeros for an output that received no gradient."""
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        if grad_entropy is None:
+            grad_entropy = torch.zeros_like(lse)
+        grad_logits = getattr(torch.ops.riskpo, backward_op_name)(
+            grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
+        return grad_logits, None, None
+
+    return backward
 
 
-torch.library.register_autograd("riskpo::token_logprob_entropy", _token_logprob_entropy_backward,
+torch.library.register_autograd("riskpo::token_logprob_entropy",
+                                _vocab_backward("token_logprob_entropy_backward"),
                                 setup_context=_token_logprob_entropy_setup)
 
 
@@ -218,18 +224,7 @@ torch.library.register_fake("riskpo::token_logprob_entropy_triton_backward",
                             _token_logprob_entropy_backward_fake)
 
 
-def _token_logprob_entropy_triton_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, tokens, lse, entropy = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if grad_entropy is None:
-        grad_entropy = torch.zeros_like(lse)
-    grad_logits = torch.ops.riskpo.token_logprob_entropy_triton_backward(
-        grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
-    return grad_logits, None, None
-
-
 # The setup (what is saved: logits, tokens and two floats per row) is the C++ op's.
 torch.library.register_autograd("riskpo::token_logprob_entropy_triton",
-                                _token_logprob_entropy_triton_backward,
+                                _vocab_backward("token_logprob_entropy_triton_backward"),
                                 setup_context=_token_logprob_entropy_setup)

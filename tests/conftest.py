@@ -34,6 +34,18 @@ def assert_error_budget(actual, low_precision_reference, exact, factor=2.0, floo
     assert kernel_error <= allowed, (kernel_error.item(), torch_error.item(), allowed.item())
 
 
+def assert_compiled_matches_eager(step, x):
+    """torch.compile(step, fullgraph=True) on x -> scalar gives the eager value and gradient."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    loss1, loss2 = compiled(x1), step(x2)
+    loss1.backward()
+    loss2.backward()
+    torch.testing.assert_close(loss1, loss2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def make_rewards(kind: str, num_prompts: int, group_size: int, generator, dtype=torch.float32,
                  device="cpu"):
     """(P * n,) rewards: binary {0, 1}, ternary {-1, 0, 1} or continuous."""

@@ -12,7 +12,7 @@ import torch
 import riskpo_kernels as rk
 from riskpo_kernels.policy import AGGREGATIONS, logprobs_and_entropy_reference
 
-from conftest import TOLERANCES, assert_close_for
+from conftest import assert_close_for, assert_compiled_matches_eager
 
 LOGIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,7 +95,6 @@ def test_opcheck(cpp_available):
 
 
 def test_torch_compile_fullgraph_forward_and_backward(cpp_available):
-    torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
     logits, tokens, mask, advantages, old, _ = make_batch(2, 3, 17, torch.float32, g, True, False, False)
 
@@ -103,13 +102,7 @@ def test_torch_compile_fullgraph_forward_and_backward(cpp_available):
         out = rk.policy_loss(x, tokens, mask, advantages, old_logprobs=old, agg="seq-mean-token-mean")
         return out.loss
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    loss1, loss2 = compiled(x1), step(x2)
-    loss1.backward()
-    loss2.backward()
-    torch.testing.assert_close(loss1, loss2)
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_compiled_matches_eager(step, logits)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])

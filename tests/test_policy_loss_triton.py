@@ -22,7 +22,7 @@ import torch
 
 from riskpo_kernels.policy import logprobs_and_entropy_reference
 
-from conftest import assert_close_for
+from conftest import assert_close_for, assert_compiled_matches_eager
 
 # CI runs plain `pytest` on CPU-only machines, where the kernels can only run
 # under Triton's interpreter. triton.jit reads TRITON_INTERPRET when it
@@ -264,7 +264,6 @@ def test_opcheck(device):
 
 
 def test_torch_compile_fullgraph_forward_and_backward(device):
-    torch._dynamo.reset()
     g = _seed("compile")
     logits, tokens, g_lp, g_h = random_case(6, 29, torch.float32, device, g)
     weights = torch.rand(6, generator=g).to(device)
@@ -274,13 +273,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
         ratio = torch.exp(logprobs - logprobs.detach())
         return (weights * (-ratio * g_lp - 0.01 * entropy)).sum()
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    loss1, loss2 = compiled(x1), step(x2)
-    loss1.backward()
-    loss2.backward()
-    torch.testing.assert_close(loss1, loss2)
-    torch.testing.assert_close(x1.grad, x2.grad)
+    assert_compiled_matches_eager(step, logits)
 
 
 def _bad_calls(device):
