@@ -12,6 +12,8 @@
 #include <string>
 #include <string_view>
 
+#include "float_type.h"
+
 namespace riskpo {
 namespace check {
 
@@ -47,3 +49,25 @@ std::string message(const Args&... args) {
 }  // namespace riskpo
 
 #define RISKPO_CHECK(cond, ...) TORCH_CHECK(cond, ::riskpo::check::message(__VA_ARGS__))
+
+namespace riskpo {
+
+// The kernels' storage type of `t`; an error naming `op` and `name` otherwise.
+inline FloatType float_type_of(const char* op, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return FloatType::kFloat32;
+    case at::kDouble: return FloatType::kFloat64;
+    case at::kHalf: return FloatType::kFloat16;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    default:
+      RISKPO_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+                   t.scalar_type());
+  }
+}
+
+// Math runs in float64 for float64 inputs and in float32 otherwise.
+inline at::ScalarType accumulation_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace riskpo

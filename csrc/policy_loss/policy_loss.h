@@ -4,15 +4,15 @@
 
 #include <cstdint>
 
-namespace riskpo {
+#include "../common/float_type.h"
 
-enum class LogitsType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+namespace riskpo {
 
 // One streaming pass per row: log-prob of the target, entropy and log-sum-exp
 // of softmax(logits / temperature). Outputs are float64 for float64 logits,
 // float32 otherwise (`acc`).
 template <typename acc>
-void logprob_entropy_cpu(const void* logits, LogitsType type, int64_t rows, int64_t vocab,
+void logprob_entropy_cpu(const void* logits, FloatType type, int64_t rows, int64_t vocab,
                          int64_t row_stride, const int64_t* tokens, double temperature,
                          acc* logprobs, acc* entropy, acc* lse);
 
@@ -21,7 +21,7 @@ void logprob_entropy_cpu(const void* logits, LogitsType type, int64_t rows, int6
 // gradients are 0 (masked tokens) are written as zeros without reading logits.
 template <typename acc>
 void logprob_entropy_backward_cpu(const acc* grad_logprobs, const acc* grad_entropy,
-                                  const void* logits, LogitsType type, int64_t rows,
+                                  const void* logits, FloatType type, int64_t rows,
                                   int64_t vocab, int64_t row_stride, const int64_t* tokens,
                                   const acc* lse, const acc* entropy, double temperature,
                                   void* grad_logits);

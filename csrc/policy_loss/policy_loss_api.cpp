@@ -17,26 +17,10 @@ namespace {
 
 using at::Tensor;
 
-LogitsType logits_type(const Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kFloat: return LogitsType::kFloat32;
-    case at::kDouble: return LogitsType::kFloat64;
-    case at::kHalf: return LogitsType::kFloat16;
-    case at::kBFloat16: return LogitsType::kBFloat16;
-    default:
-      RISKPO_CHECK(false, "token_logprob_entropy: logits must be float32, float64, float16 or ",
-                   "bfloat16, got ", logits.scalar_type());
-  }
-}
-
-at::ScalarType accumulation_type(const Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // logits (N, V) with unit stride along V; tokens (N,) int64 in [0, V).
 Tensor checked_logits(const char* op, const Tensor& logits, const Tensor& tokens, double temperature) {
   RISKPO_CHECK(logits.dim() == 2, op, ": logits must be (N, V), got shape ", logits.sizes());
-  logits_type(logits);
+  float_type_of(op, "logits", logits);
   RISKPO_CHECK(logits.size(1) >= 1, op, ": the vocabulary is empty");
   RISKPO_CHECK(tokens.dim() == 1 && tokens.size(0) == logits.size(0), op, ": tokens must be (N,) = (",
                logits.size(0), ",), got shape ", tokens.sizes());
@@ -63,16 +47,17 @@ std::tuple<Tensor, Tensor, Tensor> logprob_entropy_cpu_op(const Tensor& logits_i
   const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
   const Tensor tokens = tokens_in.contiguous();
   const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const FloatType type = float_type_of(op, "logits", logits);
   check_token_range(op, tokens, vocab);
   const auto options = logits.options().dtype(accumulation_type(logits));
   Tensor logprobs = at::empty({rows}, options), entropy = at::empty({rows}, options),
          lse = at::empty({rows}, options);
   if (accumulation_type(logits) == at::kDouble) {
-    logprob_entropy_cpu<double>(logits.data_ptr(), logits_type(logits), rows, vocab, logits.stride(0),
+    logprob_entropy_cpu<double>(logits.data_ptr(), type, rows, vocab, logits.stride(0),
                                 tokens.data_ptr<int64_t>(), temperature, logprobs.data_ptr<double>(),
                                 entropy.data_ptr<double>(), lse.data_ptr<double>());
   } else {
-    logprob_entropy_cpu<float>(logits.data_ptr(), logits_type(logits), rows, vocab, logits.stride(0),
+    logprob_entropy_cpu<float>(logits.data_ptr(), type, rows, vocab, logits.stride(0),
                                tokens.data_ptr<int64_t>(), temperature, logprobs.data_ptr<float>(),
                                entropy.data_ptr<float>(), lse.data_ptr<float>());
   }
@@ -86,6 +71,7 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
   const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
   const Tensor tokens = tokens_in.contiguous();
   const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const FloatType type = float_type_of(op, "logits", logits);
   check_token_range(op, tokens, vocab);
   const at::ScalarType acc = accumulation_type(logits);
   for (const Tensor* t : {&grad_logprobs, &grad_entropy, &lse, &entropy}) {
@@ -97,13 +83,13 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
   Tensor grad_logits = at::empty({rows, vocab}, logits.options());
   if (acc == at::kDouble) {
     logprob_entropy_backward_cpu<double>(g_logprobs.data_ptr<double>(), g_entropy.data_ptr<double>(),
-                                         logits.data_ptr(), logits_type(logits), rows, vocab,
+                                         logits.data_ptr(), type, rows, vocab,
                                          logits.stride(0), tokens.data_ptr<int64_t>(),
                                          row_lse.data_ptr<double>(), row_entropy.data_ptr<double>(),
                                          temperature, grad_logits.data_ptr());
   } else {
     logprob_entropy_backward_cpu<float>(g_logprobs.data_ptr<float>(), g_entropy.data_ptr<float>(),
-                                        logits.data_ptr(), logits_type(logits), rows, vocab,
+                                        logits.data_ptr(), type, rows, vocab,
                                         logits.stride(0), tokens.data_ptr<int64_t>(),
                                         row_lse.data_ptr<float>(), row_entropy.data_ptr<float>(),
                                         temperature, grad_logits.data_ptr());

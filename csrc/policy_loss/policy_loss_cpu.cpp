@@ -2,8 +2,6 @@
 // blocked over the vocabulary so that each block is read from memory once and
 // reused from L1 for its max, exponentials and sums.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +10,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../common/dispatch_cpu.h"
 #include "policy_loss.h"
 
 namespace riskpo {
@@ -93,16 +92,6 @@ RISKPO_CPU_CLONES void block_softmax_grad(const float* z, int64_t len, float lse
     const float p = exp_nonpositive(log_p);
     // A -inf logit has p = 0 and gets 0, not 0 * -inf = NaN: log p is floored.
     out[i] = -p * (g_logprob + g_entropy * (floor_at(log_p, -87.0f) + entropy)) * inv_temperature;
-  }
-}
-
-template <typename Fn>
-void with_logits_type(LogitsType type, Fn&& fn) {
-  switch (type) {
-    case LogitsType::kFloat32: return fn(float{});
-    case LogitsType::kFloat64: return fn(double{});
-    case LogitsType::kFloat16: return fn(c10::Half{});
-    case LogitsType::kBFloat16: return fn(c10::BFloat16{});
   }
 }
 
@@ -235,10 +224,10 @@ int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<
 }  // namespace
 
 template <typename acc>
-void logprob_entropy_cpu(const void* logits, LogitsType type, int64_t rows, int64_t vocab,
+void logprob_entropy_cpu(const void* logits, FloatType type, int64_t rows, int64_t vocab,
                          int64_t row_stride, const int64_t* tokens, double temperature,
                          acc* logprobs, acc* entropy, acc* lse) {
-  with_logits_type(type, [&](auto tag) {
+  with_float_type(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
       at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
@@ -251,11 +240,11 @@ void logprob_entropy_cpu(const void* logits, LogitsType type, int64_t rows, int6
 
 template <typename acc>
 void logprob_entropy_backward_cpu(const acc* grad_logprobs, const acc* grad_entropy,
-                                  const void* logits, LogitsType type, int64_t rows,
+                                  const void* logits, FloatType type, int64_t rows,
                                   int64_t vocab, int64_t row_stride, const int64_t* tokens,
                                   const acc* lse, const acc* entropy, double temperature,
                                   void* grad_logits) {
-  with_logits_type(type, [&](auto tag) {
+  with_float_type(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
       at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
@@ -267,16 +256,16 @@ void logprob_entropy_backward_cpu(const acc* grad_logprobs, const acc* grad_entr
   });
 }
 
-template void logprob_entropy_cpu<float>(const void*, LogitsType, int64_t, int64_t, int64_t,
+template void logprob_entropy_cpu<float>(const void*, FloatType, int64_t, int64_t, int64_t,
                                          const int64_t*, double, float*, float*, float*);
-template void logprob_entropy_cpu<double>(const void*, LogitsType, int64_t, int64_t, int64_t,
+template void logprob_entropy_cpu<double>(const void*, FloatType, int64_t, int64_t, int64_t,
                                           const int64_t*, double, double*, double*, double*);
 template void logprob_entropy_backward_cpu<float>(const float*, const float*, const void*,
-                                                  LogitsType, int64_t, int64_t, int64_t,
+                                                  FloatType, int64_t, int64_t, int64_t,
                                                   const int64_t*, const float*, const float*,
                                                   double, void*);
 template void logprob_entropy_backward_cpu<double>(const double*, const double*, const void*,
-                                                   LogitsType, int64_t, int64_t, int64_t,
+                                                   FloatType, int64_t, int64_t, int64_t,
                                                    const int64_t*, const double*, const double*,
                                                    double, void*);
 

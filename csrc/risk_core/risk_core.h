@@ -5,11 +5,10 @@
 
 #include <cstdint>
 
+#include "../common/float_type.h"
 #include "mvar_math.h"
 
 namespace riskpo {
-
-enum class Storage : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Optional per-call scalars (0-d device tensors in the op); null means absent.
 template <typename acc>
@@ -31,21 +30,21 @@ struct MVaROutputs {
 
 // CPU kernels (risk_core_cpu.cpp), parallel over bundles / groups.
 template <typename acc>
-void mvar_advantages_cpu(const void* rewards, Storage storage, int64_t num_prompts,
+void mvar_advantages_cpu(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out);
 
-void grpo_advantages_cpu(const void* rewards, Storage storage, int64_t num_groups,
+void grpo_advantages_cpu(const void* rewards, FloatType storage, int64_t num_groups,
                          int64_t group_size, bool normalize_std, double eps, void* advantages);
 
 // CUDA kernels (risk_core_cuda.cu), one launch each. Return a cudaError_t as
 // int (0 is success) so that callers need no CUDA headers.
 template <typename acc>
-int mvar_advantages_cuda(const void* rewards, Storage storage, int64_t num_prompts,
+int mvar_advantages_cuda(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out, void* stream);
 
-int grpo_advantages_cuda(const void* rewards, Storage storage, int64_t num_groups,
+int grpo_advantages_cuda(const void* rewards, FloatType storage, int64_t num_groups,
                          int64_t group_size, bool normalize_std, double eps, void* advantages,
                          void* stream);
 

@@ -26,26 +26,9 @@ namespace {
 using at::Tensor;
 
 
-Storage storage_of(const Tensor& rewards) {
-  switch (rewards.scalar_type()) {
-    case at::kFloat: return Storage::kFloat32;
-    case at::kDouble: return Storage::kFloat64;
-    case at::kHalf: return Storage::kFloat16;
-    case at::kBFloat16: return Storage::kBFloat16;
-    default:
-      RISKPO_CHECK(false, "riskpo: rewards must be float32, float64, float16 or bfloat16, got ",
-                   rewards.scalar_type());
-  }
-}
-
-// Math runs in float64 for float64 rewards and in float32 otherwise.
-at::ScalarType accumulation_type(const Tensor& rewards) {
-  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_rewards(const char* op, const Tensor& rewards, int64_t group_size) {
   RISKPO_CHECK(rewards.dim() == 1, op, ": rewards must be 1-D (P * n,), got shape ", rewards.sizes());
-  storage_of(rewards);
+  float_type_of(op, "rewards", rewards);
   RISKPO_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
   RISKPO_CHECK(rewards.numel() % group_size == 0, op, ": rewards length ", rewards.numel(),
                " is not a multiple of group_size ", group_size);
@@ -186,7 +169,8 @@ MVaRResult mvar_advantages_cpu_op(const Tensor& rewards, int64_t group_size, int
                                   const std::optional<Tensor>& base_low, double eps) {
   auto impl = [](MVaRCall& call) {
     run_mvar(call, [&](const auto& params, const auto& scalars, const auto& out) {
-      mvar_advantages_cpu(call.rewards.data_ptr(), storage_of(call.rewards), call.num_prompts,
+      mvar_advantages_cpu(call.rewards.data_ptr(),
+                          float_type_of("mvar_advantages", "rewards", call.rewards), call.num_prompts,
                           params, scalars, out);
     });
   };
@@ -201,7 +185,8 @@ Tensor grpo_advantages_cpu_op(const Tensor& rewards_in, int64_t group_size, bool
   RISKPO_CHECK(std::isfinite(eps) && eps >= 0, "grpo_advantages: eps must be finite and >= 0, got ", eps);
   const Tensor rewards = rewards_in.contiguous();
   Tensor advantages = at::empty_like(rewards);
-  grpo_advantages_cpu(rewards.data_ptr(), storage_of(rewards), rewards.numel() / group_size,
+  grpo_advantages_cpu(rewards.data_ptr(), float_type_of("grpo_advantages", "rewards", rewards),
+                      rewards.numel() / group_size,
                       group_size, normalize_std, eps, advantages.data_ptr());
   return advantages;
 }
@@ -233,7 +218,8 @@ MVaRResult mvar_advantages_cuda_op(const Tensor& rewards, int64_t group_size, in
   auto impl = [](MVaRCall& call) {
     void* stream = c10::cuda::getCurrentCUDAStream().stream();
     run_mvar(call, [&](const auto& params, const auto& scalars, const auto& out) {
-      check_cuda(mvar_advantages_cuda(call.rewards.data_ptr(), storage_of(call.rewards),
+      check_cuda(mvar_advantages_cuda(call.rewards.data_ptr(),
+                                      float_type_of("mvar_advantages", "rewards", call.rewards),
                                       call.num_prompts, params, scalars, out, stream),
                  "mvar_advantages", &call);
     });
@@ -250,7 +236,7 @@ Tensor grpo_advantages_cuda_op(const Tensor& rewards_in, int64_t group_size, boo
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const Tensor rewards = rewards_in.contiguous();
   Tensor advantages = at::empty_like(rewards);
-  check_cuda(grpo_advantages_cuda(rewards.data_ptr(), storage_of(rewards),
+  check_cuda(grpo_advantages_cuda(rewards.data_ptr(), float_type_of("grpo_advantages", "rewards", rewards),
                                   rewards.numel() / group_size, group_size, normalize_std, eps,
                                   advantages.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
              "grpo_advantages", nullptr);

@@ -1,29 +1,17 @@
 // C++ CPU kernels of the risk core: one task per bundle (Mixed-VaR) or group
 // (GRPO) through at::parallel_for; the math is mvar_math.h's.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "../common/dispatch_cpu.h"
 #include "risk_core.h"
 
 namespace riskpo {
 namespace {
-
-// Calls fn(static_cast<const T*>(data)) with the storage's C++ element type.
-template <typename Fn>
-void with_storage_type(Storage storage, Fn&& fn) {
-  switch (storage) {
-    case Storage::kFloat32: return fn(float{});
-    case Storage::kFloat64: return fn(double{});
-    case Storage::kFloat16: return fn(c10::Half{});
-    case Storage::kBFloat16: return fn(c10::BFloat16{});
-  }
-}
 
 // Grain sizes aim at a few thousand rewards per task: smaller tasks cost more
 // in scheduling than they compute.
@@ -108,12 +96,12 @@ void mvar_bundles(const T* rewards, T* advantages, int64_t num_prompts,
 }  // namespace
 
 template <typename acc>
-void mvar_advantages_cpu(const void* rewards, Storage storage, int64_t num_prompts,
+void mvar_advantages_cpu(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out) {
   const int64_t num_bundles = (num_prompts + params.bundle_size - 1) / params.bundle_size;
   const int64_t grain = grain_for(params.bundle_size * params.group_size);
-  with_storage_type(storage, [&](auto tag) {
+  with_float_type(storage, [&](auto tag) {
     using T = decltype(tag);
     // Accumulation is double exactly for double storage; other pairs never run.
     if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
@@ -125,15 +113,15 @@ void mvar_advantages_cpu(const void* rewards, Storage storage, int64_t num_promp
   });
 }
 
-template void mvar_advantages_cpu<float>(const void*, Storage, int64_t, const mvar::Params<float>&,
+template void mvar_advantages_cpu<float>(const void*, FloatType, int64_t, const mvar::Params<float>&,
                                          const MVaRScalars<float>&, const MVaROutputs<float>&);
-template void mvar_advantages_cpu<double>(const void*, Storage, int64_t, const mvar::Params<double>&,
+template void mvar_advantages_cpu<double>(const void*, FloatType, int64_t, const mvar::Params<double>&,
                                           const MVaRScalars<double>&, const MVaROutputs<double>&);
 
-void grpo_advantages_cpu(const void* rewards, Storage storage, int64_t num_groups,
+void grpo_advantages_cpu(const void* rewards, FloatType storage, int64_t num_groups,
                          int64_t group_size, bool normalize_std, double eps, void* advantages) {
   const int64_t n = group_size;
-  with_storage_type(storage, [&](auto tag) {
+  with_float_type(storage, [&](auto tag) {
     using T = decltype(tag);
     using acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
     const T* r_all = static_cast<const T*>(rewards);

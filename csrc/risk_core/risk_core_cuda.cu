@@ -173,12 +173,12 @@ __global__ void grpo_advantages_kernel(const T* __restrict__ rewards,  // (G, n)
 
 // Calls fn(T{}) with the CUDA element type of the storage.
 template <typename Fn>
-int with_storage_type(Storage storage, Fn&& fn) {
+int with_storage_type(FloatType storage, Fn&& fn) {
   switch (storage) {
-    case Storage::kFloat32: return fn(float{});
-    case Storage::kFloat64: return fn(double{});
-    case Storage::kFloat16: return fn(__half{});
-    case Storage::kBFloat16: return fn(__nv_bfloat16{});
+    case FloatType::kFloat32: return fn(float{});
+    case FloatType::kFloat64: return fn(double{});
+    case FloatType::kFloat16: return fn(__half{});
+    case FloatType::kBFloat16: return fn(__nv_bfloat16{});
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -205,7 +205,7 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 }  // namespace
 
 template <typename acc>
-int mvar_advantages_cuda(const void* rewards, Storage storage, int64_t num_prompts,
+int mvar_advantages_cuda(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out, void* stream) {
   const int64_t num_bundles = (num_prompts + params.bundle_size - 1) / params.bundle_size;
@@ -234,13 +234,13 @@ int mvar_advantages_cuda(const void* rewards, Storage storage, int64_t num_promp
   });
 }
 
-template int mvar_advantages_cuda<float>(const void*, Storage, int64_t, const mvar::Params<float>&,
+template int mvar_advantages_cuda<float>(const void*, FloatType, int64_t, const mvar::Params<float>&,
                                          const MVaRScalars<float>&, const MVaROutputs<float>&, void*);
-template int mvar_advantages_cuda<double>(const void*, Storage, int64_t, const mvar::Params<double>&,
+template int mvar_advantages_cuda<double>(const void*, FloatType, int64_t, const mvar::Params<double>&,
                                           const MVaRScalars<double>&, const MVaROutputs<double>&,
                                           void*);
 
-int grpo_advantages_cuda(const void* rewards, Storage storage, int64_t num_groups,
+int grpo_advantages_cuda(const void* rewards, FloatType storage, int64_t num_groups,
                          int64_t group_size, bool normalize_std, double eps, void* advantages,
                          void* stream) {
   if (num_groups == 0) return static_cast<int>(cudaSuccess);
