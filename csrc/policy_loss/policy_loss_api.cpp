@@ -41,14 +41,28 @@ void check_token_range(const char* op, const Tensor& tokens, int64_t vocab) {
   }
 }
 
+// What both ops start from: checked, unit-stride logits and their shape.
+struct Rows {
+  Tensor logits, tokens;
+  int64_t rows, vocab;
+  FloatType type;
+};
+
+Rows checked_rows(const char* op, const Tensor& logits_in, const Tensor& tokens_in, double temperature) {
+  Rows r;
+  r.logits = checked_logits(op, logits_in, tokens_in, temperature);
+  r.tokens = tokens_in.contiguous();
+  r.rows = r.logits.size(0);
+  r.vocab = r.logits.size(1);
+  r.type = float_type_of(op, "logits", r.logits);
+  check_token_range(op, r.tokens, r.vocab);
+  return r;
+}
+
 std::tuple<Tensor, Tensor, Tensor> logprob_entropy_cpu_op(const Tensor& logits_in, const Tensor& tokens_in,
                                                          double temperature) {
-  const char* op = "token_logprob_entropy";
-  const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
-  const Tensor tokens = tokens_in.contiguous();
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const FloatType type = float_type_of(op, "logits", logits);
-  check_token_range(op, tokens, vocab);
+  const auto [logits, tokens, rows, vocab, type] =
+      checked_rows("token_logprob_entropy", logits_in, tokens_in, temperature);
   const auto options = logits.options().dtype(accumulation_type(logits));
   Tensor logprobs = at::empty({rows}, options), entropy = at::empty({rows}, options),
          lse = at::empty({rows}, options);
@@ -68,11 +82,7 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
                                        const Tensor& logits_in, const Tensor& tokens_in,
                                        const Tensor& lse, const Tensor& entropy, double temperature) {
   const char* op = "token_logprob_entropy_backward";
-  const Tensor logits = checked_logits(op, logits_in, tokens_in, temperature);
-  const Tensor tokens = tokens_in.contiguous();
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const FloatType type = float_type_of(op, "logits", logits);
-  check_token_range(op, tokens, vocab);
+  const auto [logits, tokens, rows, vocab, type] = checked_rows(op, logits_in, tokens_in, temperature);
   const at::ScalarType acc = accumulation_type(logits);
   for (const Tensor* t : {&grad_logprobs, &grad_entropy, &lse, &entropy}) {
     RISKPO_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": per-row inputs must be (", rows,
