@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import riskpo_kernels as rk
-from riskpo_kernels.risk_core import CREDITS, QUANTILE_MODES
 
 from conftest import make_rewards
 
