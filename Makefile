@@ -10,6 +10,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 TEST_DEPS ?= "pytest>=8" ninja numpy "setuptools>=64" wheel
+# The trainer's dependencies (none of them pulls a torch).
+TRAIN_DEPS ?= "transformers>=4.56" tokenizers tqdm pyyaml matplotlib "math-verify>=0.8" pyarrow
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -21,7 +23,7 @@ DEPS_STAMP := $(VENV)/.riskpo-deps
 $(DEPS_STAMP): Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q $(TRITON_SPEC) $(TEST_DEPS)
+	$(PIP) install -q $(TRITON_SPEC) $(TEST_DEPS) $(TRAIN_DEPS)
 	touch $@
 
 # Re-run on every call: ninja rebuilds only what changed in csrc/.

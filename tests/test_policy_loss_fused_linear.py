@@ -159,3 +159,36 @@ def test_bad_input(overrides, match):
     with pytest.raises(ValueError, match=match):
         rk.fused_linear_policy_loss(kwargs.pop("hidden"), kwargs.pop("weight"), kwargs.pop("tokens"),
                                     kwargs.pop("mask"), kwargs.pop("advantages"), **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_logprobs_matches_the_materialised_logits(impl, dtype, request):
+    if impl == "cpp":
+        request.getfixturevalue("cpp_available")  # fails loudly when the build is missing
+    g = torch.Generator().manual_seed(7)
+    B, T, H, V = 3, 5, 16, 37
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = torch.randn(V, H, generator=g).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    logp_all = torch.log_softmax((hidden.float() @ weight.float().T + bias.float()) / 0.7, dim=-1)
+    expected_lp = logp_all.gather(-1, tokens[..., None]).squeeze(-1)
+    expected_ent = -(logp_all.exp() * logp_all).sum(-1)
+    lp, ent = rk.fused_linear_logprobs(hidden, weight, tokens, bias=bias, temperature=0.7,
+                                       chunk_size=4, impl=impl)
+    assert lp.shape == ent.shape == (B, T) and lp.dtype == torch.float32
+    # bf16 products are rounded differently from the float32 matmul of the oracle.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(lp, expected_lp, **tol)
+    torch.testing.assert_close(ent, expected_ent, **tol)
+
+
+def test_fused_linear_logprobs_rejects_bad_tokens():
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="tokens must lie in"):
+        rk.fused_linear_logprobs(hidden, weight, torch.full((2, 3), 5))
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        rk.fused_linear_logprobs(hidden, weight, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        rk.fused_linear_logprobs(hidden, weight, torch.zeros(2, 3, dtype=torch.long), temperature=0)

@@ -1,8 +1,27 @@
 """Token-level policy loss of RiskPO and GRPO (RISKPO_SPEC.md section 8)."""
 
-from .api import PolicyLossOutput, fused_linear_policy_loss, policy_loss
-from .reference import (AGGREGATIONS, aggregation_weights, logprobs_and_entropy_reference,
-                        policy_loss_reference, token_policy_loss)
+from .api import (
+                        PolicyLossOutput,
+                        fused_linear_logprobs,
+                        fused_linear_policy_loss,
+                        policy_loss,
+)
+from .reference import (
+                        AGGREGATIONS,
+                        aggregation_weights,
+                        logprobs_and_entropy_reference,
+                        policy_loss_reference,
+                        token_policy_loss,
+)
 
-__all__ = ["PolicyLossOutput", "fused_linear_policy_loss", "policy_loss", "AGGREGATIONS", "aggregation_weights", "logprobs_and_entropy_reference",
-           "policy_loss_reference", "token_policy_loss"]
+__all__ = [
+                        "AGGREGATIONS",
+                        "PolicyLossOutput",
+                        "aggregation_weights",
+                        "fused_linear_logprobs",
+                        "fused_linear_policy_loss",
+                        "logprobs_and_entropy_reference",
+                        "policy_loss",
+                        "policy_loss_reference",
+                        "token_policy_loss",
+]

@@ -8,9 +8,13 @@ import torch
 
 from .. import _extension
 from .. import _validation as v
-from .fused_linear import default_chunk_size
-from .reference import (AGGREGATIONS, aggregation_weights, logprobs_and_entropy_reference,
-                        token_policy_loss)
+from .fused_linear import VOCAB_OPS, default_chunk_size
+from .reference import (
+    AGGREGATIONS,
+    aggregation_weights,
+    logprobs_and_entropy_reference,
+    token_policy_loss,
+)
 
 IMPLS = ("auto", "reference", "cpp", "triton")
 
@@ -65,6 +69,18 @@ def _resolve(impl, device):
     return impl
 
 
+def _checked_token_ids(tokens, V):
+    """tokens as int64, their range checked where that costs no device sync."""
+    tokens = tokens.long()
+    # Out-of-range ids would index outside a row. Checking costs a sync on GPU,
+    # so there the kernels' callers must pass valid ids (the C++ op checks too).
+    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= V:
+            raise ValueError(f"tokens must lie in [0, {V}), got values in [{low}, {high}]")
+    return tokens
+
+
 @dataclass(frozen=True)
 class _LossArgs:
     tokens: torch.Tensor  # (B, T) int64
@@ -108,13 +124,7 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     v.check_choice("agg", agg, AGGREGATIONS)
-    tokens = tokens.long()
-    # Out-of-range ids would index outside a row. Checking costs a sync on GPU,
-    # so there the kernels' callers must pass valid ids (the C++ op checks too).
-    if device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= V:
-            raise ValueError(f"tokens must lie in [0, {V}), got values in [{low}, {high}]")
+    tokens = _checked_token_ids(tokens, V)
     return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
 
 
@@ -163,21 +173,8 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
     return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
 
 
-def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=None,
-                             chunk_size=None, old_logprobs=None, ref_logprobs=None,
-                             clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
-                             entropy_coef=0.0, temperature=1.0, agg="token-mean",
-                             impl="auto") -> PolicyLossOutput:
-    """:func:`policy_loss` of ``logits = hidden @ weight.T + bias`` without ever
-    holding the (B, T, V) logits: chunks of ``chunk_size`` tokens go through the
-    matmul, the vocabulary kernels and the gradient in the forward pass, so peak
-    extra memory is O(chunk_size * V). The loss is differentiable w.r.t. hidden,
-    weight and bias.
-
-    hidden: (B, T, H); weight: (V, H) (an lm_head); bias: (V,) or None; the other
-    arguments as in :func:`policy_loss`. ``impl="reference"`` materialises the
-    logits and runs the reference (the oracle).
-    """
+def _check_linear(hidden, weight, bias) -> tuple[int, int, int, int]:
+    """(B, T, H, V) of ``hidden @ weight.T + bias``, every argument checked."""
     v.check_float_tensor("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
@@ -194,6 +191,25 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
         if tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise ValueError(f"bias must be ({V},) {hidden.dtype} on {hidden.device}, got "
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    return B, T, H, V
+
+
+def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=None,
+                             chunk_size=None, old_logprobs=None, ref_logprobs=None,
+                             clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
+                             entropy_coef=0.0, temperature=1.0, agg="token-mean",
+                             impl="auto") -> PolicyLossOutput:
+    """:func:`policy_loss` of ``logits = hidden @ weight.T + bias`` without ever
+    holding the (B, T, V) logits: chunks of ``chunk_size`` tokens go through the
+    matmul, the vocabulary kernels and the gradient in the forward pass, so peak
+    extra memory is O(chunk_size * V). The loss is differentiable w.r.t. hidden,
+    weight and bias.
+
+    hidden: (B, T, H); weight: (V, H) (an lm_head); bias: (V,) or None; the other
+    arguments as in :func:`policy_loss`. ``impl="reference"`` materialises the
+    logits and runs the reference (the oracle).
+    """
+    B, T, H, V = _check_linear(hidden, weight, bias)
     if chunk_size is not None:
         chunk_size = v.check_int("chunk_size", chunk_size, 1)
     args = _check_loss_args(B, T, V, hidden.device, tokens, mask, advantages, old_logprobs,
@@ -227,3 +243,43 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
                                        ref_logprobs, args.clip_low, args.clip_high,
                                        args.clip_ratio_c, args.kl_coef, args.entropy_coef, agg)
     return PolicyLossOutput(loss, logprobs, entropy, metrics)
+
+
+@torch.no_grad()
+def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
+                          chunk_size=None, impl="auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``tokens`` and entropies under
+    ``softmax((hidden @ weight.T + bias) / temperature)``, chunk by chunk, without
+    gradients: what a trainer needs for old and reference log-probs.
+
+    hidden: (B, T, H); weight: (V, H); bias: (V,) or None; tokens: (B, T) in [0, V).
+    Returns logprobs, entropy: (B, T) float32 (float64 for float64 hidden).
+    Peak extra memory is one (chunk_size, V) block of logits.
+    """
+    B, T, H, V = _check_linear(hidden, weight, bias)
+    _check_token_tensor("tokens", tokens, (B, T), hidden.device)
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+    temperature = v.check_float("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tokens = _checked_token_ids(tokens, V)
+    N = B * T
+    chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
+                  else v.check_int("chunk_size", chunk_size, 1))
+    impl = _resolve(impl, hidden.device)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    flat_hidden, flat_tokens = hidden.reshape(N, H), tokens.reshape(N)
+    logprobs = hidden.new_empty((N,), dtype=acc)
+    entropy = hidden.new_empty((N,), dtype=acc)
+    for start in range(0, N, chunk_size):
+        end = min(start + chunk_size, N)
+        logits = torch.nn.functional.linear(flat_hidden[start:end], weight, bias)
+        if impl == "reference":
+            lp, ent = logprobs_and_entropy_reference(logits, flat_tokens[start:end], temperature)
+        else:
+            vocab_forward = getattr(torch.ops.riskpo, VOCAB_OPS[impl][0])
+            lp, ent, _ = vocab_forward(logits, flat_tokens[start:end], temperature)
+        logprobs[start:end] = lp
+        entropy[start:end] = ent
+    return logprobs.view(B, T), entropy.view(B, T)

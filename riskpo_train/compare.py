@@ -1,0 +1,453 @@
+"""Compare RL training runs: curves as PNGs and a markdown table of final numbers.
+
+`riskpo-train compare OUT_A OUT_B ...` reads each run directory's `metrics.jsonl`
+(and `summary.json` / `config.json` when present) and writes `reward.png`,
+`pass1.png`, `passk.png`, `entropy.png`, `clipfrac.png`, `overview.png` and
+`comparison.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+# Fixed colours so that RiskPO and GRPO look the same in every comparison.
+_ALGO_COLORS = {"riskpo": "tab:red", "grpo": "tab:blue"}
+_SPARE_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+                 "tab:olive", "tab:cyan", "tab:gray")
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v")
+
+# (file stem, train key, eval key or None, title, y label)
+_PANELS = (
+    ("reward", "reward_mean", "reward_mean", "Mean reward", "reward"),
+    ("pass1", "pass@1", "pass@1", "Pass@1", "pass@1"),
+    ("passk", "pass@k", "pass@k", "Pass@k", "pass@k"),
+    ("entropy", "entropy", "entropy", "Policy entropy", "entropy (nats/token)"),
+    ("clipfrac", "clipfrac", None, "Clip fraction", "clipfrac"),
+)
+
+
+@dataclass
+class Run:
+    """One run directory: its records by kind and its summary ({} if unfinished)."""
+
+    path: Path
+    name: str
+    algo: str | None
+    seed: int | None
+    train: list[dict] = field(default_factory=list)
+    eval: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def _number(value) -> float | None:
+    """`value` as a finite float, or None for null, NaN, Inf and non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records of a metrics.jsonl, in file order."""
+    # Lines are decoded one by one so that a multi-byte character cut off by a
+    # kill only spoils the last line, which is then dropped like any partial line.
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1)
+             if raw.strip()]
+    train: list[dict] = []
+    evals: list[dict] = []
+    for i, (lineno, raw) in enumerate(lines):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(record, dict) else "not a JSON object"
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+            problem = str(exc)
+        if problem is not None:
+            if i == len(lines) - 1:
+                break  # the run was killed mid-write
+            raise ValueError(f"{path}:{lineno}: malformed record: {problem}")
+        if record.get("kind") == "train":
+            train.append(record)
+        elif record.get("kind") == "eval":
+            evals.append(record)
+    return train, evals
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: malformed JSON: {exc}") from None
+    if isinstance(data, dict):
+        return data
+    raise ValueError(f"{path}: expected a JSON object")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory.
+
+    algo/seed come from summary.json, else config.json; the name is
+    "{algo} seed {seed}" when both are known, else the directory name.
+    Raises FileNotFoundError when the directory or its metrics.jsonl is missing,
+    ValueError for a malformed record (other than a partial last line).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    metrics = path / METRICS_FILE
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{path}: no {METRICS_FILE} (not a run directory?)")
+    train, evals = _read_metrics(metrics)
+    summary = _read_json(path / SUMMARY_FILE) if (path / SUMMARY_FILE).is_file() else {}
+    config = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    algo = summary.get("algo", config.get("algo"))
+    seed = summary.get("seed", config.get("seed"))
+    algo = str(algo) if algo is not None else None
+    seed = int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
+    name = f"{algo} seed {seed}" if algo is not None and seed is not None else path.name
+    return Run(path=path, name=name, algo=algo, seed=seed, train=train, eval=evals,
+               summary=summary)
+
+
+def _last(records: Sequence[dict], key: str) -> float | None:
+    for record in reversed(records):
+        value = _number(record.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _final(run: Run, kind: str, key: str) -> float | None:
+    """The summary's final_{kind}[key], else the last finite value in the records."""
+    section = run.summary.get(f"final_{kind}")
+    value = _number(section.get(key)) if isinstance(section, dict) else None
+    if value is None:
+        value = _last(run.train if kind == "train" else run.eval, key)
+    return value
+
+
+def _final_k(run: Run) -> int | None:
+    k = _final(run, "eval", "k")
+    return int(k) if k is not None else None
+
+
+def _final_steps(run: Run) -> int | None:
+    steps = _number(run.summary.get("steps"))
+    if steps is None:
+        steps = _last(run.train, "step")
+    return int(steps) if steps is not None else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A padded markdown table; the first column left-aligned, the rest right."""
+    table = [list(map(_cell, header)), *[list(map(_cell, row)) for row in rows]]
+    widths = [max(3, *(len(row[i]) for row in table)) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        return "| " + " | ".join(cells) + " |"
+
+    rule = "| " + " | ".join(":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":"
+                             for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(table[0]), rule, *(line(row) for row in table[1:])])
+
+
+def _passk_header(runs: Sequence[Run]) -> tuple[str, bool]:
+    """The Pass@k column header and whether each cell must name its own k."""
+    ks = {k for k in map(_final_k, runs) if k is not None}
+    if len(ks) == 1:
+        return f"test Pass@{ks.pop()}", False
+    return "test Pass@k", bool(ks)
+
+
+def _mean_std(values: Sequence[float | None], n_runs: int) -> str:
+    """"mean ± sample std" over the known values, "(n=m)" when some are missing."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    text = f"{statistics.fmean(known):.3f}"
+    if len(known) >= 2:
+        text += f" ± {statistics.stdev(known):.3f}"
+    if len(known) < n_runs:
+        text += f" (n={len(known)})"
+    return text
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """Markdown: one row per run with its final numbers; then, when an algo has
+    >= 2 runs, per-algo mean ± sample std over seeds (one row per algo)."""
+    passk_header, k_per_cell = _passk_header(runs)
+    header = ["run", "steps", "test Pass@1", passk_header, "test entropy",
+              "train reward", "train clipfrac"]
+    rows = []
+    for run in runs:
+        passk = _fmt(_final(run, "eval", "pass@k"))
+        k = _final_k(run)
+        if k_per_cell and k is not None and passk != "n/a":
+            passk += f" (k={k})"
+        steps = _final_steps(run)
+        rows.append([run.name, "n/a" if steps is None else str(steps),
+                     _fmt(_final(run, "eval", "pass@1")), passk,
+                     _fmt(_final(run, "eval", "entropy")),
+                     _fmt(_final(run, "train", "reward_mean")),
+                     _fmt(_final(run, "train", "clipfrac"))])
+    text = _markdown(header, rows)
+
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.algo is not None:
+            groups.setdefault(run.algo, []).append(run)
+    if not any(len(group) >= 2 for group in groups.values()):
+        return text + "\n"
+    algo_rows = []
+    for algo, group in groups.items():
+        n = len(group)
+        ks = {_final_k(run) for run in group} - {None}
+        # Pass@k at different k are different quantities: no mean across them.
+        passk = ("n/a (mixed k)" if len(ks) > 1
+                 else _mean_std([_final(r, "eval", "pass@k") for r in group], n))
+        algo_rows.append([algo, str(n),
+                          _mean_std([_final(r, "eval", "pass@1") for r in group], n),
+                          passk,
+                          _mean_std([_final(r, "eval", "entropy") for r in group], n),
+                          _mean_std([_final(r, "train", "reward_mean") for r in group], n),
+                          _mean_std([_final(r, "train", "clipfrac") for r in group], n)])
+    algo_header = ["algo", "seeds", *header[2:]]
+    return (text + "\n\nPer algo, mean ± sample std over seeds:\n\n"
+            + _markdown(algo_header, algo_rows) + "\n")
+
+
+@dataclass(frozen=True)
+class _Style:
+    color: str
+    linestyle: str
+    marker: str
+
+
+def _styles(runs: Sequence[Run]) -> dict[int, _Style]:
+    """Style per run index: colour by algo, line style and marker by seed rank."""
+    colors = dict(_ALGO_COLORS)
+    spare = iter(_SPARE_COLORS * (1 + len(runs) // len(_SPARE_COLORS)))
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        # A run of unknown algo is its own group, keyed so it cannot meet a real algo.
+        key = run.algo if run.algo is not None else f"\0{i}"
+        groups.setdefault(key, []).append(i)
+    styles = {}
+    for key, members in groups.items():
+        if key not in colors:
+            colors[key] = next(spare)
+        members.sort(key=lambda i: (runs[i].seed is None, runs[i].seed or 0, i))
+        for rank, i in enumerate(members):
+            styles[i] = _Style(colors[key], _LINESTYLES[rank % len(_LINESTYLES)],
+                               _MARKERS[rank % len(_MARKERS)])
+    return styles
+
+
+def _points(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for record in records:
+        x, y = _number(record.get("step")), _number(record.get(key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def _smooth(ys: Sequence[float]) -> list[float] | None:
+    """Trailing moving average over ~5% of the points; None for short curves."""
+    window = min(50, len(ys) // 20)
+    if window < 2:
+        return None
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _curve(ax, xs, ys, style: _Style) -> None:
+    smoothed = _smooth(ys)
+    if smoothed is None:
+        ax.plot(xs, ys, color=style.color, linestyle=style.linestyle, linewidth=1.4)
+    else:
+        # RL curves are noisy: the faint raw curve keeps the noise visible. It is
+        # solid because dashes on a jagged line only add clutter.
+        ax.plot(xs, ys, color=style.color, linewidth=0.6, alpha=0.2)
+        ax.plot(xs, smoothed, color=style.color, linestyle=style.linestyle, linewidth=1.6)
+
+
+def _draw_panel(ax, runs, styles, panel) -> bool:
+    """One quantity for every run: train curve, test points. False if nothing drawn."""
+    _stem, train_key, eval_key, title, ylabel = panel
+    drawn = False
+    for i, run in enumerate(runs):
+        style = styles[i]
+        xs, ys = _points(run.train, train_key)
+        if xs:
+            _curve(ax, xs, ys, style)
+            drawn = True
+        if eval_key is not None:
+            xs, ys = _points(run.eval, eval_key)
+            if xs:
+                ax.plot(xs, ys, color=style.color, linestyle=style.linestyle,
+                        linewidth=0.8, marker=style.marker, markersize=5,
+                        markeredgecolor="black", markeredgewidth=0.5)
+                drawn = True
+    if train_key == "pass@k":
+        ks = {k for k in map(_final_k, runs) if k is not None}
+        if len(ks) == 1:
+            title = f"Pass@k, test k={ks.pop()}"
+    note = "lines: train, markers: test" if eval_key is not None else "train"
+    ax.set_title(f"{title} ({note})" if drawn else f"{title}: no data", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return drawn
+
+
+def _draw_quantiles(ax, runs, styles) -> bool:
+    """q_lo/q_hi bands of the runs that log them. False if none does."""
+    drawn = False
+    for i, run in enumerate(runs):
+        style = styles[i]
+        pairs = [(x, lo, hi) for x, lo, hi in
+                 ((_number(r.get("step")), _number(r.get("q_lo")), _number(r.get("q_hi")))
+                  for r in run.train) if x is not None and lo is not None and hi is not None]
+        if not pairs:
+            continue
+        xs, los, his = map(list, zip(*pairs))
+        ax.fill_between(xs, los, his, color=style.color, alpha=0.12, linewidth=0)
+        _curve(ax, xs, los, style)
+        _curve(ax, xs, his, style)
+        drawn = True
+    if drawn:
+        ax.set_title("RiskPO quantiles (band: q_lo to q_hi, train)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("bundle score quantile")
+        ax.grid(True, alpha=0.3)
+    return drawn
+
+
+def _legend_handles(runs, styles, markers: bool):
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color=styles[i].color, linestyle=styles[i].linestyle,
+                   marker=styles[i].marker if markers else None, markersize=5,
+                   markeredgecolor="black", markeredgewidth=0.5, label=run.name)
+            for i, run in enumerate(runs)]
+
+
+def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Write reward.png, pass1.png, passk.png, entropy.png, clipfrac.png and
+    overview.png (2x3: those five and q_lo/q_hi) into out_dir; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window or need a display
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    styles = _styles(runs)
+    written = []
+    for panel in _PANELS:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        try:
+            if _draw_panel(ax, runs, styles, panel):
+                ax.legend(handles=_legend_handles(runs, styles, panel[2] is not None),
+                          fontsize=8, loc="best")
+            fig.tight_layout()
+            path = out_dir / f"{panel[0]}.png"
+            fig.savefig(path, dpi=120)
+        finally:
+            plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    try:
+        for ax, panel in zip(axes.flat, _PANELS):
+            _draw_panel(ax, runs, styles, panel)
+        if not _draw_quantiles(axes.flat[5], runs, styles):
+            axes.flat[5].axis("off")
+        handles = _legend_handles(runs, styles, markers=True)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6),
+                   fontsize=9, frameon=False)
+        fig.suptitle("Training runs compared (lines: train, markers: test split)")
+        # Room at the bottom for the shared legend, one row per 6 runs.
+        fig.tight_layout(rect=(0, 0.03 + 0.03 * math.ceil(len(handles) / 6), 1, 1))
+        path = out_dir / "overview.png"
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    written.append(path)
+    return written
+
+
+def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> str:
+    """Load the runs, write the plots and comparison.md into out_dir (default: the
+    parent of the first run directory) and return the table."""
+    if not paths:
+        raise ValueError("compare needs at least one run directory")
+    runs = [load_run(p) for p in paths]
+    # Two runs with one algo and seed (e.g. a rerun) would share a label.
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({run.path.name})"
+    out = Path(out_dir) if out_dir is not None else Path(paths[0]).resolve().parent
+    plot_runs(runs, out)
+    table = summary_table(runs)
+    (out / "comparison.md").write_text(table, encoding="utf-8")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: riskpo-train compare RUN_DIR [RUN_DIR ...] [--out DIR]."""
+    parser = argparse.ArgumentParser(
+        prog="riskpo-train compare",
+        description="Plot training curves of runs on shared axes and tabulate "
+                    "their final numbers (comparison.md).")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run output directory holding metrics.jsonl")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where to write the PNGs and comparison.md "
+                             "(default: the parent of the first RUN_DIR)")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if not Path(run).is_dir():
+            parser.error(f"no such run directory: {run}")
+        if not (Path(run) / METRICS_FILE).is_file():
+            parser.error(f"{run}: no {METRICS_FILE} (not a run directory?)")
+    try:
+        table = compare(args.runs, args.out)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,627 @@
+"""The RL loop: sample, score, advantages (RiskPO or GRPO), clipped policy
+updates with the fused loss, evaluation, metrics and checkpoints.
+
+One step, as ``rl_step`` runs it:
+
+1. ``P`` prompts chosen by (seed, step); this rank samples ``n`` answers for
+   its ``P / world`` of them and scores them.
+2. Rewards are all-gathered; every rank computes the advantages of the whole
+   batch (``rk.mvar_advantages`` over bundles with the tracked quantiles, or
+   ``rk.grpo_advantages``) and keeps its rows; the tracker is then updated with
+   the step's bundle scores (spec section 6: step t uses the state of t - 1).
+3. Old (and reference) log-probs in one no-grad pass, then ``ppo_epochs``
+   passes of ``minibatches`` AdamW steps, each over micro-batches of the fused
+   loss scaled so that the sum over micro-batches and ranks is the loss of the
+   whole minibatch under the chosen aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import riskpo_kernels as rk
+
+from . import data as data_lib
+from .config import TrainConfig
+from .distributed import DistContext, init_distributed, shard_policy, shutdown
+from .model import (
+    build_char_tokenizer,
+    build_tiny_model,
+    load_model_dir,
+    save_model_dir,
+)
+from .policy import Policy
+from .rollout import Rollout, pass_at_k, sample
+from .task import ArithmeticTask
+from .warmup import cached_model_dir, supervised_warmup
+
+CHECKPOINT = "checkpoint.pt"
+# Settings that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"resume", "rl_steps", "progress", "save_every", "device"}
+# Per-step record fields that measure the machine, not the training.
+TIMING_FIELDS = ("tokens_per_s", "step_s")
+
+
+def derived_seed(*parts) -> int:
+    """A 31-bit seed from any tuple of values: sampling at step t on rank r
+    depends only on (seed, t, r), which is what makes a resumed run exact."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def log(ctx: DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def loss_normaliser(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """What the aggregation divides by, for a batch with this response mask:
+    summed over micro-batches and ranks it gives the minibatch's divisor."""
+    if agg == "token-mean":
+        return mask.sum(dtype=torch.float64)
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device)
+    return torch.tensor(1.0, dtype=torch.float64, device=mask.device)  # sum over T_max
+
+
+def loss_share(mask: torch.Tensor, agg: str, global_normaliser: torch.Tensor) -> torch.Tensor:
+    """The factor that turns the fused loss of one micro-batch into its share of
+    the minibatch loss. ``seq-mean-token-sum-norm`` divides by the padded length,
+    the same in every micro-batch, so its micro-batch losses simply add up."""
+    if agg == "seq-mean-token-sum-norm":
+        return torch.tensor(1.0, dtype=torch.float64, device=mask.device)
+    local = loss_normaliser(mask, agg)
+    return local / global_normaliser.clamp(min=1.0)
+
+
+def loss_options(cfg: TrainConfig) -> dict:
+    return {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "clip_ratio_c": cfg.clip_ratio_c,
+            "kl_coef": cfg.kl_coef, "entropy_coef": cfg.entropy_coef, "agg": cfg.loss_agg}
+
+
+def micro_batches(rows: int, size: int):
+    size = rows if size <= 0 else size
+    for start in range(0, rows, size):
+        yield slice(start, min(start + size, rows))
+
+
+@torch.no_grad()
+def rollout_logprobs(policy, batch: Rollout, micro_batch_size: int) -> tuple:
+    """(logprobs, entropy): (B, Tr) float32 of the responses under ``policy``."""
+    lps, ents = [], []
+    for rows in micro_batches(batch.response.shape[0], micro_batch_size):
+        lp, ent = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows])
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(ents)
+
+
+def gradient_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return norm.detach().float()
+
+
+def update(policy, optimizer, batch: Rollout, advantages, old_logprobs, ref_logprobs,
+           cfg: TrainConfig, ctx: DistContext) -> dict:
+    """One optimizer step on this rank's rows of a minibatch.
+
+    The fused loss of each micro-batch is scaled by its share of the minibatch's
+    normaliser (all-reduced over ranks) and by ``world``, because FSDP averages
+    gradients over ranks: the gradient is then exactly that of the loss of the
+    whole minibatch, however it is split. A non-finite loss or gradient norm
+    skips the step (the weights stay as they were) and is counted.
+
+    Returns floats: loss, grad_norm, skipped (0/1), and token-weighted sums of
+    clipfrac, clipfrac_lower, approx_kl, kl with their weight ``tokens``.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    global_norm = ctx.all_reduce_sum(loss_normaliser(batch.response_mask, cfg.loss_agg))
+    options = loss_options(cfg)
+    device = batch.response.device
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, tokens, 4 metrics
+    for rows in micro_batches(batch.response.shape[0], cfg.micro_batch_size):
+        mask = batch.response_mask[rows]
+        share = loss_share(mask, cfg.loss_agg, global_norm)
+        loss, _, _, metrics = policy(
+            batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows], mask,
+            advantages[rows], old_logprobs[rows],
+            None if ref_logprobs is None else ref_logprobs[rows], loss_options=options)
+        (loss * (share * ctx.world).to(loss.dtype)).backward()
+        tokens = mask.sum(dtype=torch.float64)
+        sums += torch.stack([loss.detach().double() * share, tokens,
+                             metrics["clipfrac"].double() * tokens,
+                             metrics["clipfrac_lower"].double() * tokens,
+                             metrics["approx_kl"].double() * tokens,
+                             metrics.get("kl", torch.zeros((), device=device)).double() * tokens])
+    ctx.all_reduce_sum(sums)
+    grad_norm = gradient_norm_and_clip(params, cfg.max_grad_norm)
+    finite = bool(torch.isfinite(sums[0]).item() and torch.isfinite(grad_norm).item())
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": sums[0].item(), "grad_norm": grad_norm.item(), "skipped": 0.0 if finite else 1.0,
+            "tokens": sums[1].item(), "clipfrac": sums[2].item(), "clipfrac_lower": sums[3].item(),
+            "approx_kl": sums[4].item(), "kl": sums[5].item()}
+
+
+class Trainer:
+    """Holds everything of one run; ``run()`` trains and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None):
+        self.cfg = cfg.validate()
+        self.ctx = ctx or init_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        if cfg.prompts_per_step % self.ctx.world:
+            raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be a multiple of "
+                             f"the number of processes ({self.ctx.world})")
+        self._load_task()
+        self._load_policy()
+
+    # --- setup -----------------------------------------------------------------------
+
+    def _load_task(self) -> None:
+        cfg = self.cfg
+        if cfg.data:
+            if not cfg.model:
+                raise ValueError("--data needs --model: the embedded tiny model's tokenizer only "
+                                 "spells the arithmetic task")
+            examples = data_lib.load_examples(cfg.data)
+            self.train_set, self.test_set = data_lib.split_examples(examples, cfg.test_fraction,
+                                                                     cfg.task_seed)
+            reward = "math" if cfg.reward == "auto" else cfg.reward
+        else:
+            task = ArithmeticTask(cfg.task_digits, cfg.task_operators, cfg.task_test_size,
+                                  cfg.task_seed)
+            self.train_set, self.test_set = task.split()
+            reward = "exact" if cfg.reward == "auto" else cfg.reward
+        if not self.train_set:
+            raise ValueError("the training split is empty")
+        self.reward_fn = data_lib.get_reward(reward)
+
+    def _initial_model_dir(self) -> Path | None:
+        """The directory the run starts from: --model, or the cached warm-up of
+        the embedded model (built by rank 0 on first use), or None for a
+        randomly initialised embedded model (--warmup-steps 0)."""
+        cfg = self.cfg
+        if cfg.model:
+            return Path(cfg.model)
+        if cfg.warmup_steps == 0:
+            return None
+        settings = {k: getattr(cfg, k) for k in (
+            "task_digits", "task_operators", "task_test_size", "task_seed", "tiny_hidden_size",
+            "tiny_layers", "warmup_steps", "warmup_lr", "warmup_batch_size")}
+        settings["format"] = 1
+        path = cached_model_dir(cfg.warmup_cache, settings)
+        if self.ctx.is_main and not (path / "config.json").is_file():
+            log(self.ctx, f"supervised warm-up ({cfg.warmup_steps} steps), cached in {path}")
+            tokenizer = build_char_tokenizer()
+            lm = self._tiny_model(tokenizer)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.task_seed)
+                supervised_warmup(lm, tokenizer, self.train_set, steps=cfg.warmup_steps,
+                                  lr=cfg.warmup_lr, batch_size=cfg.warmup_batch_size,
+                                  seed=cfg.task_seed, progress=cfg.progress)
+            save_model_dir(lm, tokenizer, path)
+            (path / "warmup.json").write_text(json.dumps(settings, indent=2))
+        self.ctx.barrier()
+        return path
+
+    def _tiny_model(self, tokenizer):
+        cfg = self.cfg
+        max_positions = 2 * cfg.task_digits + 2 + cfg.max_new_tokens + 8
+        return build_tiny_model(tokenizer, hidden_size=cfg.tiny_hidden_size,
+                                num_layers=cfg.tiny_layers, max_positions=max(64, max_positions),
+                                seed=cfg.task_seed)
+
+    def _load_lm(self):
+        path = self._initial_model_dir()
+        if path is None:
+            tokenizer = build_char_tokenizer()
+            return self._tiny_model(tokenizer).to(self.ctx.device), tokenizer
+        return load_model_dir(path, device=self.ctx.device)
+
+    def _load_policy(self) -> None:
+        cfg = self.cfg
+        lm, self.tokenizer = self._load_lm()
+        lm.generation_config.top_k = None  # HF's default top-k 50 would bias the samples
+        self.max_prompt_tokens = lm.config.max_position_embeddings - cfg.max_new_tokens
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"--max-new-tokens ({cfg.max_new_tokens}) leaves no room for the "
+                             f"prompt in the model's context ({lm.config.max_position_embeddings})")
+        chunk = cfg.chunk_size or None
+        self.ref_policy = None
+        if cfg.kl_coef > 0:
+            ref_lm, _ = self._load_lm()
+            ref_lm.requires_grad_(False)
+            self.ref_policy = shard_policy(Policy(ref_lm.eval(), temperature=cfg.temperature,
+                                                  chunk_size=chunk), self.ctx)
+        self.policy = shard_policy(Policy(lm.eval(), temperature=cfg.temperature,
+                                          chunk_size=chunk), self.ctx)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.tracker = rk.QuantileTracker(lr=cfg.tracker_lr) if cfg.algo == "riskpo" else None
+
+    # --- one step --------------------------------------------------------------------
+
+    def _step_prompts(self, step: int) -> list:
+        rng = random.Random(derived_seed(self.cfg.seed, "prompts", step))
+        chosen = [rng.choice(self.train_set) for _ in range(self.cfg.prompts_per_step)]
+        share = self.cfg.prompts_per_step // self.ctx.world
+        return chosen[self.ctx.rank * share:(self.ctx.rank + 1) * share]
+
+    def _sample(self, examples, num_samples: int, seed_parts) -> Rollout:
+        cfg = self.cfg
+        torch.manual_seed(derived_seed(cfg.seed, *seed_parts, self.ctx.rank))
+        return sample(self.policy.generate, self.tokenizer, [e.prompt for e in examples],
+                      [e.answer for e in examples], num_samples=num_samples,
+                      max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=self.max_prompt_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, reward_fn=self.reward_fn,
+                      device=self.ctx.device, synced=self.ctx.enabled,
+                      reward_errors=cfg.reward_errors, response_len=cfg.max_new_tokens)
+
+    def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Per-response advantages (B_global,) of the whole batch's rewards, and
+        the risk statistics; updates the tracker afterwards (RiskPO)."""
+        cfg, n = self.cfg, self.cfg.group_size
+        if cfg.algo == "grpo":
+            return rk.grpo_advantages(rewards, group_size=n,
+                                      normalize_std=cfg.grpo_normalize_std), {}
+        q_lo = q_hi = None
+        base_mid = base_low = 0.0
+        if self.tracker.initialized:
+            if cfg.quantile_mode != "batch":
+                q_lo, q_hi = self.tracker.value(cfg.alpha), self.tracker.value(cfg.beta)
+            if cfg.mean_baseline:
+                base_mid, base_low = self.tracker.baselines(cfg.alpha, cfg.beta,
+                                                            cfg.natural_baseline)
+        res = rk.mvar_advantages(rewards, group_size=n, bundle_size=cfg.bundle_size,
+                                 alpha=cfg.alpha, beta=cfg.beta, w_low=cfg.w_low,
+                                 w_high=cfg.w_high, quantile_mode=cfg.quantile_mode, q_lo=q_lo,
+                                 q_hi=q_hi, credit=cfg.credit, normalize_std=cfg.normalize_std,
+                                 natural_baseline=cfg.natural_baseline, base_mid=base_mid,
+                                 base_low=base_low)
+        self.tracker.update(res.bundle_scores)
+        return res.advantages, {"q_lo": res.q_lo.float().mean().item(),
+                                "q_hi": res.q_hi.float().mean().item()}
+
+    def rl_step(self, step: int) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        started = time.perf_counter()
+        examples = self._step_prompts(step)
+        batch = self._sample(examples, cfg.group_size, ("sample", step))
+        all_rewards = ctx.all_gather_cat(batch.rewards)
+        advantages, risk = self.advantages(all_rewards)
+        rows = batch.rewards.shape[0]
+        advantages = advantages[ctx.rank * rows:(ctx.rank + 1) * rows].to(torch.float32)
+
+        old_logprobs, entropy = rollout_logprobs(self.policy, batch, cfg.micro_batch_size)
+        ref_logprobs = None
+        if self.ref_policy is not None:
+            ref_logprobs, _ = rollout_logprobs(self.ref_policy, batch, cfg.micro_batch_size)
+
+        totals: dict[str, float] = {}
+        updates = 0
+        order_rng = torch.Generator().manual_seed(derived_seed(cfg.seed, "order", step, ctx.rank))
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rows, generator=order_rng).to(ctx.device)
+            for part in torch.tensor_split(order, cfg.minibatches):
+                result = update(self.policy, self.optimizer, batch.select(part), advantages[part],
+                                old_logprobs[part], None if ref_logprobs is None
+                                else ref_logprobs[part], cfg, ctx)
+                for key, value in result.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                updates += 1
+
+        successes = (all_rewards >= cfg.success_threshold - 1e-9).float().view(-1, cfg.group_size)
+        stats = torch.stack([
+            (entropy * batch.response_mask).sum(dtype=torch.float64),
+            batch.response_mask.sum(dtype=torch.float64),
+            torch.tensor(float(batch.reward_errors), dtype=torch.float64, device=ctx.device)])
+        ctx.all_reduce_sum(stats)
+        tokens = max(totals["tokens"], 1.0)
+        elapsed = time.perf_counter() - started
+        record = {
+            "kind": "train", "step": step,
+            "reward_mean": all_rewards.float().mean().item(),
+            "pass@1": successes.mean().item(),
+            "pass@k": pass_at_k(cfg.group_size, successes.sum(1), cfg.group_size).mean().item(),
+            "k": cfg.group_size,
+            "entropy": (stats[0] / stats[1].clamp(min=1)).item(),
+            "response_len": (stats[1] / all_rewards.numel()).item(),
+            "loss": totals["loss"] / updates,
+            "grad_norm": totals["grad_norm"] / updates,
+            "clipfrac": totals["clipfrac"] / tokens,
+            "clipfrac_lower": totals["clipfrac_lower"] / tokens,
+            "approx_kl": totals["approx_kl"] / tokens,
+            "skipped_updates": int(totals["skipped"]),
+            "reward_errors": int(stats[2].item()),
+            "tokens_per_s": stats[1].item() / elapsed,
+            "step_s": elapsed,
+        }
+        if ref_logprobs is not None:
+            record["kl"] = totals["kl"] / tokens
+        record.update(risk)
+        if record["skipped_updates"]:
+            log(ctx, f"step {step}: {record['skipped_updates']} update(s) skipped: non-finite "
+                     "loss or gradient (weights unchanged)")
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Pass@1 and Pass@k (k = eval_samples) on the test split; each rank
+        takes every world-th question, sampled with the training temperature."""
+        cfg, ctx = self.cfg, self.ctx
+        questions = self.test_set[:cfg.eval_questions] if cfg.eval_questions else self.test_set
+        mine = questions[ctx.rank::ctx.world]
+        if not mine:  # every rank must join every generate call under FSDP
+            mine = questions[:1]
+            weight = 0.0
+        else:
+            weight = 1.0
+        batch = self._sample(mine, cfg.eval_samples, ("eval", step))
+        k = cfg.eval_samples
+        successes = (batch.rewards >= cfg.success_threshold - 1e-9).float().view(-1, k)
+        _, entropy = rollout_logprobs(self.policy, batch, cfg.micro_batch_size)
+        stats = torch.stack([
+            successes.mean(1).sum(dtype=torch.float64),
+            pass_at_k(k, successes.sum(1), k).sum().to(torch.float64),
+            batch.rewards.view(-1, k).mean(1).sum(dtype=torch.float64),
+            (entropy * batch.response_mask).sum(dtype=torch.float64),
+            batch.response_mask.sum(dtype=torch.float64),
+            torch.tensor(float(len(mine)), dtype=torch.float64, device=ctx.device)]) * weight
+        ctx.all_reduce_sum(stats)
+        count = stats[5].clamp(min=1)
+        return {"kind": "eval", "step": step, "pass@1": (stats[0] / count).item(),
+                "pass@k": (stats[1] / count).item(), "k": k,
+                "reward_mean": (stats[2] / count).item(),
+                "entropy": (stats[3] / stats[4].clamp(min=1)).item(),
+                "questions": int(stats[5].item())}
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def _state_dicts(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
+
+        return get_state_dict(self.policy, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_checkpoint(self, step: int) -> None:
+        """Rank 0 writes OUT/checkpoint.pt through a temporary file and a rename:
+        a crash mid-save leaves the previous checkpoint whole."""
+        model_state, optim_state = self._state_dicts()
+        if self.ctx.is_main:
+            state = {
+                "step": step, "config": asdict(self.cfg), "model": model_state,
+                "optimizer": optim_state,
+                "tracker": None if self.tracker is None else self.tracker.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            }
+            atomic_torch_save(state, self.out / CHECKPOINT)
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> int:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_state_dict,
+        )
+
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        changed = sorted(k for k, v in state["config"].items()
+                         if k not in RESUMABLE_CHANGES and getattr(self.cfg, k, None) != v)
+        if changed:
+            details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.cfg, k)!r}"
+                                for k in changed)
+            raise ValueError(f"--resume: the options differ from the checkpoint's ({details}); "
+                             "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return int(state["step"])
+
+    def save_final_model(self) -> None:
+        """OUT/final_model: a Hugging Face directory (``from_pretrained`` loads it)."""
+        model_state, _ = self._state_dicts()
+        if self.ctx.is_main:
+            lm_state = {k[len("lm."):]: v for k, v in model_state.items() if k.startswith("lm.")}
+            lm = self.policy.lm
+            save_model_dir(lm, self.tokenizer, self.out / "final_model", state_dict=lm_state)
+        self.ctx.barrier()
+
+    # --- the run ---------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        metrics_path = self.out / "metrics.jsonl"
+        start = 0
+        if cfg.resume:
+            start = self.load_checkpoint()
+            log(ctx, f"resuming {self.out} after step {start}")
+        elif (self.out / CHECKPOINT).exists():
+            raise FileExistsError(f"{self.out} already holds a run ({CHECKPOINT}): pass --resume "
+                                  "to continue it, or choose another --out")
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(self.cfg.to_json())
+            keep_records_up_to(metrics_path, start)
+        writer = MetricsWriter(metrics_path, self.out, ctx.is_main)
+        began = time.perf_counter()
+        try:
+            if start == 0:
+                writer.write(self.evaluate(0))
+            steps = range(start + 1, cfg.rl_steps + 1)
+            bar = None
+            if cfg.progress and ctx.is_main:
+                from tqdm import tqdm
+                bar = tqdm(total=cfg.rl_steps, initial=start, desc=f"{cfg.algo} RL",
+                           dynamic_ncols=True)
+            last_train = last_eval = None
+            for step in steps:
+                last_train = self.rl_step(step)
+                writer.write(last_train)
+                if step == cfg.rl_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    last_eval = self.evaluate(step)
+                    writer.write(last_eval)
+                if step == cfg.rl_steps or (cfg.save_every and step % cfg.save_every == 0):
+                    self.save_checkpoint(step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{last_train['reward_mean']:.3f}",
+                                    pass1=f"{last_train['pass@1']:.3f}",
+                                    entropy=f"{last_train['entropy']:.3f}")
+            if bar is not None:
+                bar.close()
+            if cfg.rl_steps == 0 or start >= cfg.rl_steps:
+                self.save_checkpoint(max(start, cfg.rl_steps))
+            self.save_final_model()
+        finally:
+            writer.close()
+        summary = summarise(metrics_path, self.cfg, time.perf_counter() - began) if ctx.is_main else {}
+        if ctx.is_main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+class MetricsWriter:
+    """metrics.jsonl lines (flushed per record) and TensorBoard scalars when
+    TensorBoard is installed; only rank 0 writes."""
+
+    def __init__(self, path: Path, out: Path, enabled: bool):
+        self.file = open(path, "a") if enabled else None
+        self.board = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.board = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self.board = None
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete JSON line of a metrics file (a line cut by a crash is dropped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop records of steps after ``step``: a resumed run rewrites them."""
+    if not path.exists():
+        return
+    kept = [r for r in read_records(path) if r.get("step", 0) <= step] if step else []
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def summarise(metrics_path: Path, cfg: TrainConfig, wall_s: float) -> dict:
+    records = read_records(metrics_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    return {
+        "algo": cfg.algo, "seed": cfg.seed, "steps": train[-1]["step"] if train else 0,
+        "final_eval": evals[-1] if evals else None, "first_eval": evals[0] if evals else None,
+        "final_train": train[-1] if train else None,
+        "skipped_updates": sum(r.get("skipped_updates", 0) for r in train),
+        "reward_errors": sum(r.get("reward_errors", 0) for r in train),
+        "wall_s": wall_s,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job (single process, or one rank under torchrun)."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        shutdown(ctx)
+
+
+def main(argv=None) -> int:
+    from .config import parse_config
+
+    cfg = parse_config(argv)
+    summary = train(cfg)
+    if summary:
+        final = summary.get("final_eval") or {}
+        print(json.dumps({"out": cfg.out, "steps": summary["steps"],
+                          "test_pass@1": final.get("pass@1"), "test_pass@k": final.get("pass@k")}))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun CPU workers can abort in interpreter teardown after a clean
+        # run; the process group is already gone, so leave now with success.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
