@@ -33,8 +33,9 @@ install: $(DEPS_STAMP)
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The project's main job. Until riskpo_train lands, that is the advantage benchmark.
-demo: bench-advantages
+# The project's main job: RiskPO against GRPO on the embedded task (runs/demo/).
+demo: install
+	$(PY) -m riskpo_train.demo
 
 bench-advantages: install
 	$(PY) benchmarks/bench_advantages.py

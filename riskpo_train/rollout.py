@@ -76,9 +76,10 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device
     return input_ids.to(device), attention_mask.to(device)
 
 
-def cut_at_eos(response: torch.Tensor, eos_id: int, pad_id: int) -> tuple:
-    """(response with pad after the first EOS, float mask up to and including it)."""
-    is_eos = response == eos_id
+def cut_at_eos(response: torch.Tensor, eos_ids, pad_id: int) -> tuple:
+    """(response with pad after the first end-of-sequence token (any of
+    ``eos_ids``), float mask up to and including it)."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, device=response.device).reshape(-1))
     # Tokens strictly after the first EOS: an EOS occurred at an earlier position.
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = (~after_eos).to(torch.float32)
@@ -110,12 +111,13 @@ def score(completions: list[str], answers: list[str], reward_fn: Callable[[str, 
 
 @torch.no_grad()
 def sample(generate: Callable, tokenizer, prompts: list[str], answers: list[str], *,
-           num_samples: int, max_new_tokens: int, max_prompt_tokens: int, temperature: float,
+           eos_ids: list[int], num_samples: int, max_new_tokens: int, max_prompt_tokens: int, temperature: float,
            top_p: float, reward_fn, device, synced: bool = False, reward_errors: str = "raise",
            response_len: int | None = None) -> Rollout:
     """``num_samples`` answers for every prompt, sampled from softmax(logits / T)
     (top-k off so that the loss sees the distribution that sampled), scored.
 
+    eos_ids: every token that ends a response (models may have several).
     generate: the policy's ``generate`` (an FSDP-registered method under FSDP);
     synced: keep stepping until every rank is done (FSDP needs every rank in
     every forward). response_len: pad responses to this length (default: what
@@ -126,7 +128,7 @@ def sample(generate: Callable, tokenizer, prompts: list[str], answers: list[str]
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
     out = generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                    temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
                    synced_gpus=synced)
     response = out[:, prompt_ids.shape[1]:]
     width = response_len if response_len is not None else response.shape[1]
@@ -134,7 +136,7 @@ def sample(generate: Callable, tokenizer, prompts: list[str], answers: list[str]
         pad = response.new_full((response.shape[0], width - response.shape[1]),
                                 tokenizer.pad_token_id)
         response = torch.cat([response, pad], dim=1)
-    response, response_mask = cut_at_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response, response_mask = cut_at_eos(response, eos_ids, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(response, skip_special_tokens=True)
     repeated_answers = [a for a in answers for _ in range(num_samples)]
     rewards, errors = score(completions, repeated_answers, reward_fn, reward_errors)

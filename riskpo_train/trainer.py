@@ -234,7 +234,14 @@ class Trainer:
     def _load_policy(self) -> None:
         cfg = self.cfg
         lm, self.tokenizer = self._load_lm()
-        lm.generation_config.top_k = None  # HF's default top-k 50 would bias the samples
+        self.eos_ids = end_of_sequence_ids(lm, self.tokenizer)
+        # Sampling must draw from softmax(logits / T), the distribution the loss
+        # sees: drop the directory's sampling defaults (top-k, repetition
+        # penalty, ...); temperature and top-p are passed on every call.
+        from transformers import GenerationConfig
+        lm.generation_config = GenerationConfig(
+            bos_token_id=lm.generation_config.bos_token_id, eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id)
         self.max_prompt_tokens = lm.config.max_position_embeddings - cfg.max_new_tokens
         if self.max_prompt_tokens < 1:
             raise ValueError(f"--max-new-tokens ({cfg.max_new_tokens}) leaves no room for the "
@@ -264,7 +271,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(derived_seed(cfg.seed, *seed_parts, self.ctx.rank))
         return sample(self.policy.generate, self.tokenizer, [e.prompt for e in examples],
-                      [e.answer for e in examples], num_samples=num_samples,
+                      [e.answer for e in examples], eos_ids=self.eos_ids, num_samples=num_samples,
                       max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=self.max_prompt_tokens,
                       temperature=cfg.temperature, top_p=cfg.top_p, reward_fn=self.reward_fn,
                       device=self.ctx.device, synced=self.ctx.enabled,
@@ -503,6 +510,18 @@ class Trainer:
         if ctx.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+def end_of_sequence_ids(lm, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every EOS of the model's generation config (Qwen
+    lists two): a response ends at the first of any of them."""
+    ids = lm.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model and its tokenizer define no end-of-sequence token")
+    return sorted(set(ids))
 
 
 class MetricsWriter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
@@ -19,6 +20,10 @@ K = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("reward.png", "pass1.png", "passk.png", "entropy.png", "clipfrac.png",
          "overview.png")
+
+# The plots need matplotlib (make test installs it; a bare GPU image may lack it).
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed")
 
 
 def _train(algo: str, seed: int, step: int) -> dict:
@@ -202,6 +207,7 @@ def test_summary_table_missing_values_are_na(tmp_path):
     assert rows["train_only"][4] == f"{_train('grpo', 0, 0)['reward_mean']:.3f}"
 
 
+@needs_matplotlib
 def test_styles_colour_by_algo_and_vary_by_seed(runs):
     loaded = [cmp.load_run(p) for p in _paths(runs)]
     styles = cmp._styles(loaded)
@@ -222,6 +228,7 @@ def _panel_lines(runs, stem):
             [(x, y) for x, y, m in lines if m not in ("None", "", None)])
 
 
+@needs_matplotlib
 def test_panels_draw_train_curves_and_test_points(runs):
     loaded = [cmp.load_run(p) for p in _paths(runs)]
     train, test = _panel_lines(loaded, "pass1")
@@ -257,6 +264,7 @@ def _quantile_panel(overview: Path):
     return image[int(0.55 * h):int(0.85 * h), int(0.70 * w):int(0.97 * w)]
 
 
+@needs_matplotlib
 def test_plot_runs_writes_valid_pngs(runs, tmp_path):
     out = tmp_path / "plots"
     written = cmp.plot_runs([cmp.load_run(p) for p in _paths(runs)], out)
@@ -267,6 +275,7 @@ def test_plot_runs_writes_valid_pngs(runs, tmp_path):
     assert (_quantile_panel(out / "overview.png") < 0.99).mean() > 0.05
 
 
+@needs_matplotlib
 def test_plot_runs_without_riskpo_blanks_the_quantile_panel(runs, tmp_path):
     written = cmp.plot_runs([cmp.load_run(runs["grpo seed 0"][0])], tmp_path / "g")
     for path in written:
@@ -274,6 +283,7 @@ def test_plot_runs_without_riskpo_blanks_the_quantile_panel(runs, tmp_path):
     assert _quantile_panel(tmp_path / "g" / "overview.png").min() > 0.99
 
 
+@needs_matplotlib
 def test_plot_runs_switches_to_agg(runs, tmp_path):
     import matplotlib
 
@@ -282,6 +292,7 @@ def test_plot_runs_switches_to_agg(runs, tmp_path):
     assert matplotlib.get_backend().lower() == "agg"
 
 
+@needs_matplotlib
 def test_compare_writes_plots_and_table_next_to_the_runs(runs):
     paths = _paths(runs)
     table = cmp.compare(paths)
@@ -292,6 +303,7 @@ def test_compare_writes_plots_and_table_next_to_the_runs(runs):
     assert all(name in table for name in runs)
 
 
+@needs_matplotlib
 def test_compare_disambiguates_repeated_names(tmp_path):
     for d in ("a", "b"):
         _write_run(tmp_path, d, "grpo", 0, summary=True)
@@ -299,6 +311,7 @@ def test_compare_disambiguates_repeated_names(tmp_path):
     assert "grpo seed 0 (a)" in rows and "grpo seed 0 (b)" in rows
 
 
+@needs_matplotlib
 def test_main_prints_the_table(runs, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cmp.main([*map(str, _paths(runs)), "--out", str(out)]) == 0

@@ -193,10 +193,11 @@ def test_prompts_are_left_padded_after_bos():
 
 
 def test_responses_are_cut_after_the_first_eos():
-    eos, pad = 2, 0
-    response, mask = cut_at_eos(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 5, 5, 5]]), eos, pad)
-    assert response.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    eos, pad = [2, 9], 0
+    response, mask = cut_at_eos(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 5, 5, 5],
+                                              [5, 9, 2, 5]]), eos, pad)
+    assert response.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 9, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("n,k", [(4, 1), (4, 2), (5, 5), (8, 3)])
@@ -293,3 +294,15 @@ def test_the_cli_help_lists_the_contract_flags():
                  "--resume", "--model", "--data", "--config", "--bundle-size", "--alpha",
                  "--beta", "--w-low", "--quantile-mode", "--credit"):
         assert flag in out.stdout, flag
+
+
+def test_a_model_directorys_sampling_defaults_are_dropped(tmp_path, warmup_cache):
+    tokenizer = build_char_tokenizer()
+    lm = build_tiny_model(tokenizer, hidden_size=32)
+    lm.generation_config.repetition_penalty = 1.5  # would bias samples away from the policy
+    lm.generation_config.eos_token_id = [tokenizer.eos_token_id, 9]
+    save_model_dir(lm, tokenizer, tmp_path / "model")
+    trainer = Trainer(tiny_config(tmp_path / "run", warmup_cache, model=str(tmp_path / "model")),
+                      DistContext())
+    assert trainer.policy.lm.generation_config.repetition_penalty in (None, 1.0)
+    assert trainer.eos_ids == sorted({tokenizer.eos_token_id, 9})
