@@ -4,10 +4,15 @@
 #   1. builds the extension with its CUDA kernels against the machine's torch;
 #   2. runs the whole test suite (the CUDA tests run there, skip here);
 #   3. runs the advantage and policy-loss benchmarks on CUDA;
-#   4. leaves logs and CSVs in $OUT and prints a summary last.
+#   4. runs a few RL steps of riskpo_train on the embedded task (the loop on CUDA);
+#   5. leaves logs and CSVs in $OUT (8 files: the device tool's limit) and
+#      prints a summary last.
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh          # on the GPU machine
 #   bash benchmarks/device_check.sh --cpu                  # dry run here: no CUDA steps
+#
+# RISKPO_SKIP_BUILD=1 and RISKPO_SKIP_TESTS=1 leave out those steps (the test
+# suite runs the dry run that way: tests/test_device_check.py).
 #
 # Python packages missing on the GPU machine travel as wheels in .whl/.
 set -uo pipefail
@@ -31,10 +36,10 @@ fi
 step "machine"
 if [ "$MODE" = gpu ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
-    | tee "$OUT/gpu.txt"
+    | tee "$OUT/machine.txt"
 fi
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())" \
-  | tee "$OUT/versions.txt"
+  | tee -a "$OUT/machine.txt"
 
 step "build (pip install --no-build-isolation -e .)"
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -42,7 +47,9 @@ if [ "$MODE" = gpu ]; then
   # Only the card at hand: one architecture compiles faster and uses Hopper's own code.
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 fi
-if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+if [ -n "${RISKPO_SKIP_BUILD:-}" ]; then
+  echo "build skipped (RISKPO_SKIP_BUILD is set): using the installed package" | tee "$OUT/build.log"
+elif ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   fail "build"
   exit 1
@@ -55,8 +62,12 @@ assert rk.extension_with_cuda or '$MODE' == 'cpu', 'built without CUDA kernels'
 " || fail "extension"
 
 step "tests"
+if [ -n "${RISKPO_SKIP_TESTS:-}" ]; then
+  echo "skipped (RISKPO_SKIP_TESTS is set: the test suite itself runs this script)" | tee "$OUT/pytest.log"
+else
 $PY -m pytest -q -rfE -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "tests"
+fi
 
 step "advantage benchmark"
 if [ "$MODE" = gpu ]; then
@@ -74,6 +85,23 @@ else
   $PY benchmarks/bench_policy_loss.py --quick --csv "$OUT/policy_loss_cpu.csv" 2>&1 | tee "$OUT/bench_policy_loss_cpu.log"
 fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "policy-loss benchmark"
+
+step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm)"
+TRAIN_DEVICE=cuda
+[ "$MODE" = cpu ] && TRAIN_DEVICE=cpu
+smoke=$(mktemp -d)
+for algo in riskpo grpo; do
+  if $PY -m riskpo_train --device $TRAIN_DEVICE --algo $algo --out "$smoke/$algo" \
+      --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
+      --eval-questions 40 --no-progress >"$smoke/$algo.log" 2>&1; then
+    echo "$algo: ok"
+  else
+    fail "training smoke test ($algo)"
+  fi
+  grep -v -i "warn" "$smoke/$algo.log" | tail -3
+  cat "$smoke/$algo/metrics.jsonl" 2>/dev/null
+done 2>&1 | tee "$OUT/train_smoke.log"
+grep -q "FAILED: training" "$OUT/train_smoke.log" && status=1
 
 step "summary"
 grep -E "passed|failed" "$OUT/pytest.log" | tail -1
