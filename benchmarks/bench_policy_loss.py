@@ -8,6 +8,8 @@ Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
                        pass forward, one backward, nothing (N, V) saved)
   riskpo fused-linear  rk.fused_linear_policy_loss: chunked, gradient in forward
   liger fused-linear   liger_kernel's LigerFusedLinearGRPOLoss, when installed
+  liger triton grpo    liger_kernel's triton_grpo_loss on materialised logits (its
+                       default in-place backward), when installed, CUDA only
   three matmuls        hidden @ W.T, dlogits @ W, dlogits.T @ hidden: the floor
                        of any implementation that computes the logits
 
@@ -53,8 +55,9 @@ CUDA_SIZES = [(t, h, 151936) for t in (4096, 16384) for h in (1536, 4096)]
 CSV_DEFAULT = REPO / "benchmarks" / "results" / "policy_loss.csv"
 CSV_COLUMNS = ["timestamp", "commit", "device", "torch", "python", "method", "tokens", "H", "V",
                "dtype", "median_ms", "best_ms", "peak_extra_mib", "vs_plain", "vs_matmuls"]
-PLAIN, LOGITS, FUSED, LIGER, MATMULS = ("plain GRPO loss", "riskpo logits", "riskpo fused-linear",
-                                        "liger fused-linear", "three matmuls")
+PLAIN, LOGITS, FUSED, LIGER, LIGER_TRITON, MATMULS = (
+    "plain GRPO loss", "riskpo logits", "riskpo fused-linear", "liger fused-linear",
+    "liger triton grpo", "three matmuls")
 
 
 def make_inputs(tokens, H, V, dtype, device, seed=0):
@@ -104,6 +107,18 @@ def method_fn(name, x):
             out = liger(h, w, x["tokens"], x["mask"].to(h.dtype), x["advantages"],
                         old_per_token_logps=x["old_logprobs"])
             (out[0] if isinstance(out, tuple) else out).backward()
+    elif name == LIGER_TRITON:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        def run():
+            h, w = leaves()
+            # Liger takes logits for T + 1 positions and drops the last one.
+            extended = torch.cat([h, h.new_zeros(h.shape[0], 1, h.shape[2])], dim=1)
+            loss, _ = triton_grpo_loss(extended @ w.t(), x["old_logprobs"], None, x["tokens"],
+                                       x["advantages"], x["mask"].to(torch.int32), temperature=1.0,
+                                       beta=0.0, eps_low=0.2, eps_high=0.2, loss_type="bnpo",
+                                       reduce=True)
+            loss.backward()
     elif name == MATMULS:
         h2 = x["hidden"].reshape(-1, x["hidden"].shape[-1])
         dlogits = torch.randn(h2.shape[0], x["weight"].shape[0], dtype=h2.dtype, device=h2.device)
@@ -117,11 +132,14 @@ def method_fn(name, x):
     return run
 
 
-def available_methods():
+def available_methods(device="cpu"):
     methods = [PLAIN, LOGITS, FUSED, MATMULS]
     try:
         import liger_kernel.chunked_loss  # noqa: F401
         methods.insert(3, LIGER)
+        if device == "cuda":  # a Triton kernel: no CPU path
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss  # noqa: F401
+            methods.insert(4, LIGER_TRITON)
     except Exception:  # not installed, or incompatible with this torch
         pass
     return methods
@@ -250,7 +268,7 @@ def main(argv=None):
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     else:
         sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
-    methods = available_methods()
+    methods = available_methods(device)
     print(f"Policy loss fwd+bwd on {device_name(device)}, torch {torch.__version__}, {dtype}, "
           f"{torch.get_num_threads()} threads; methods: {', '.join(methods)}\n")
     rows = []
