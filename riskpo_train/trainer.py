@@ -204,9 +204,10 @@ class Trainer:
         settings["format"] = 1
         path = cached_model_dir(cfg.warmup_cache, settings)
         if self.ctx.is_main and not (path / "config.json").is_file():
+            # On a GPU the warm-up runs there; the cached weights serve any device.
             log(self.ctx, f"supervised warm-up ({cfg.warmup_steps} steps), cached in {path}")
             tokenizer = build_char_tokenizer()
-            lm = self._tiny_model(tokenizer)
+            lm = self._tiny_model(tokenizer).to(self.ctx.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.task_seed)
                 supervised_warmup(lm, tokenizer, self.train_set, steps=cfg.warmup_steps,
