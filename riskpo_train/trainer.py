@@ -130,7 +130,12 @@ def update(policy, optimizer, batch: Rollout, advantages, old_logprobs, ref_logp
     options = loss_options(cfg)
     device = batch.response.device
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, tokens, 4 metrics
-    for rows in micro_batches(batch.response.shape[0], cfg.micro_batch_size):
+    parts = list(micro_batches(batch.response.shape[0], cfg.micro_batch_size))
+    for index, rows in enumerate(parts):
+        if hasattr(policy, "set_requires_gradient_sync"):
+            # FSDP: accumulate unsharded gradients locally, reduce-scatter once
+            # after the last micro-batch (every rank has as many micro-batches).
+            policy.set_requires_gradient_sync(index == len(parts) - 1)
         mask = batch.response_mask[rows]
         share = loss_share(mask, cfg.loss_agg, global_norm)
         loss, _, _, metrics = policy(
