@@ -35,6 +35,12 @@ SCHEMAS = {
         "(Tensor grad_logprobs, Tensor grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
         "Tensor entropy, float temperature) -> Tensor"
     ),
+    # The same gradient written over the logits, which must be contiguous: for a
+    # caller whose logits are its own temporary (the fused-linear chunk). C++ only.
+    "token_logprob_entropy_backward_": (
+        "(Tensor grad_logprobs, Tensor grad_entropy, Tensor(a!) logits, Tensor tokens, "
+        "Tensor lse, Tensor entropy, float temperature) -> ()"
+    ),
     # Fused linear policy loss: hidden (N, H), weight (V, H), bias (V,)?, per-token
     # tokens, aggregation weights, advantages, old/ref log-probs (N,). Chunks of
     # chunk_size rows; the gradients are finished in forward and returned:
@@ -98,6 +104,12 @@ def _token_logprob_entropy_fake(logits, tokens, temperature):
 def _token_logprob_entropy_backward_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
                                          temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("riskpo::token_logprob_entropy_backward_")
+def _token_logprob_entropy_backward_inplace_fake(grad_logprobs, grad_entropy, logits, tokens,
+                                                 lse, entropy, temperature):
+    return None
 
 
 def _fused_linear_policy_loss_impl(hidden, weight, bias, tokens, weights, advantages, old_logprobs,

@@ -92,6 +92,39 @@ def test_opcheck(cpp_available):
         torch.library.opcheck(torch.ops.riskpo.token_logprob_entropy_backward.default,
                               (torch.randn(5, generator=g).to(acc), torch.randn(5, generator=g).to(acc),
                                logits, tokens, lse, entropy, 0.9))
+        torch.library.opcheck(torch.ops.riskpo.token_logprob_entropy_backward_.default,
+                              (torch.randn(5, generator=g).to(acc), torch.randn(5, generator=g).to(acc),
+                               logits.clone(), tokens, lse, entropy, 0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 7, 301, 1031])
+def test_the_in_place_backward_writes_exactly_the_out_of_place_gradient(cpp_available, dtype, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = 6
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    logits[1, 0] = float("-inf") if vocab > 1 else 0.0  # a masked entry: zero gradient, no NaN
+    tokens = torch.randint(0, vocab, (rows,), generator=g)
+    tokens[1] = vocab - 1
+    logprobs, entropy, lse = torch.ops.riskpo.token_logprob_entropy(logits, tokens, 0.7)
+    grad_lp = torch.randn(rows, generator=g).to(logprobs.dtype)
+    grad_ent = torch.randn(rows, generator=g).to(logprobs.dtype)
+    grad_lp[3] = grad_ent[3] = 0  # the all-zero row shortcut
+    expected = torch.ops.riskpo.token_logprob_entropy_backward(grad_lp, grad_ent, logits, tokens,
+                                                               lse, entropy, 0.7)
+    buffer = logits.clone()
+    torch.ops.riskpo.token_logprob_entropy_backward_(grad_lp, grad_ent, buffer, tokens, lse,
+                                                     entropy, 0.7)
+    assert torch.equal(buffer, expected)  # the target's logit is read before its row is written
+
+
+def test_the_in_place_backward_refuses_logits_it_cannot_overwrite(cpp_available):
+    logits = torch.randn(4, 10)
+    tokens = torch.zeros(4, dtype=torch.long)
+    _, entropy, lse = torch.ops.riskpo.token_logprob_entropy(logits, tokens, 1.0)
+    with pytest.raises(RuntimeError, match="logits must be a contiguous"):
+        torch.ops.riskpo.token_logprob_entropy_backward_(torch.ones(4), torch.ones(4), logits.t(),
+                                                         tokens, lse, entropy, 1.0)
 
 
 def test_torch_compile_fullgraph_forward_and_backward(cpp_available):

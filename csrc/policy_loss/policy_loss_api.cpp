@@ -78,11 +78,12 @@ std::tuple<Tensor, Tensor, Tensor> logprob_entropy_cpu_op(const Tensor& logits_i
   return {logprobs, entropy, lse};
 }
 
-Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor& grad_entropy,
-                                       const Tensor& logits_in, const Tensor& tokens_in,
-                                       const Tensor& lse, const Tensor& entropy, double temperature) {
-  const char* op = "token_logprob_entropy_backward";
-  const auto [logits, tokens, rows, vocab, type] = checked_rows(op, logits_in, tokens_in, temperature);
+// Writes d(loss)/d(logits) into grad_logits, which may be logits itself.
+void logprob_entropy_backward_into(const char* op, const Tensor& grad_logprobs,
+                                   const Tensor& grad_entropy, const Rows& checked,
+                                   const Tensor& lse, const Tensor& entropy, double temperature,
+                                   Tensor& grad_logits) {
+  const auto& [logits, tokens, rows, vocab, type] = checked;
   const at::ScalarType acc = accumulation_type(logits);
   for (const Tensor* t : {&grad_logprobs, &grad_entropy, &lse, &entropy}) {
     RISKPO_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": per-row inputs must be (", rows,
@@ -90,7 +91,6 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
   }
   const Tensor g_logprobs = grad_logprobs.to(acc).contiguous(), g_entropy = grad_entropy.to(acc).contiguous();
   const Tensor row_lse = lse.to(acc).contiguous(), row_entropy = entropy.to(acc).contiguous();
-  Tensor grad_logits = at::empty({rows, vocab}, logits.options());
   if (acc == at::kDouble) {
     logprob_entropy_backward_cpu<double>(g_logprobs.data_ptr<double>(), g_entropy.data_ptr<double>(),
                                          logits.data_ptr(), type, rows, vocab,
@@ -104,7 +104,32 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
                                         row_lse.data_ptr<float>(), row_entropy.data_ptr<float>(),
                                         temperature, grad_logits.data_ptr());
   }
+}
+
+Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor& grad_entropy,
+                                       const Tensor& logits_in, const Tensor& tokens_in,
+                                       const Tensor& lse, const Tensor& entropy, double temperature) {
+  const char* op = "token_logprob_entropy_backward";
+  const Rows checked = checked_rows(op, logits_in, tokens_in, temperature);
+  Tensor grad_logits = at::empty({checked.rows, checked.vocab}, checked.logits.options());
+  logprob_entropy_backward_into(op, grad_logprobs, grad_entropy, checked, lse, entropy,
+                                temperature, grad_logits);
   return grad_logits;
+}
+
+// The same gradient written over the logits: for callers whose logits are a
+// temporary of their own (the fused-linear loss's chunk), it saves an (N, V) buffer.
+void logprob_entropy_backward_inplace_cpu_op(const Tensor& grad_logprobs,
+                                             const Tensor& grad_entropy, Tensor logits,
+                                             const Tensor& tokens, const Tensor& lse,
+                                             const Tensor& entropy, double temperature) {
+  const char* op = "token_logprob_entropy_backward_";
+  RISKPO_CHECK(logits.dim() == 2 && logits.is_contiguous(), op,
+               ": logits must be a contiguous (N, V) tensor to be overwritten, got shape ",
+               logits.sizes(), " and strides ", logits.strides());
+  const Rows checked = checked_rows(op, logits, tokens, temperature);
+  logprob_entropy_backward_into(op, grad_logprobs, grad_entropy, checked, lse, entropy,
+                                temperature, logits);
 }
 
 }  // namespace
@@ -112,6 +137,7 @@ Tensor logprob_entropy_backward_cpu_op(const Tensor& grad_logprobs, const Tensor
 TORCH_LIBRARY_IMPL(riskpo, CPU, m) {
   m.impl("token_logprob_entropy", &logprob_entropy_cpu_op);
   m.impl("token_logprob_entropy_backward", &logprob_entropy_backward_cpu_op);
+  m.impl("token_logprob_entropy_backward_", &logprob_entropy_backward_inplace_cpu_op);
 }
 
 }  // namespace riskpo

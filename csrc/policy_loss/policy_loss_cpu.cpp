@@ -186,6 +186,9 @@ void backward_rows(const acc* grad_logprobs, const acc* grad_entropy, const T* l
     const T* x = logits + r * row_stride;
     const acc row_lse = lse[r], row_entropy = entropy[r];
     const int64_t y = tokens[r];
+    // Read before the row is written: grad_logits may be the logits themselves
+    // (the in-place op), and each block is loaded before it is overwritten.
+    const T x_y = x[y];
     if constexpr (std::is_same_v<acc, float>) {
       float z[kBlock], g[kBlock];
       for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
@@ -201,21 +204,21 @@ void backward_rows(const acc* grad_logprobs, const acc* grad_entropy, const T* l
       }
       // The target's one-hot term joins before the single rounding to T: added
       // to an already rounded bf16 value it would lose the (1 - p) cancellation.
-      const float z_y = static_cast<float>(x[y]) * inv_temperature;
+      const float z_y = static_cast<float>(x_y) * inv_temperature;
       float g_y;
       block_softmax_grad(&z_y, 1, row_lse, g_logprob, g_entropy, row_entropy, inv_temperature, &g_y);
       out[y] = static_cast<T>(g_y + g_logprob * inv_temperature);
       continue;
     }
     // d/dz = g_logprob * (onehot - p) - g_entropy * p * (log p + H), then / temperature.
-    auto softmax_part = [&](int64_t i) -> acc {
-      const acc log_p = static_cast<acc>(x[i]) * inv_temperature - row_lse;
+    auto softmax_part = [&](T value) -> acc {
+      const acc log_p = static_cast<acc>(value) * inv_temperature - row_lse;
       const acc p = std::exp(log_p);
       // A -inf logit has p = 0: no gradient, and no 0 * -inf.
       return p == acc(0) ? acc(0) : -p * (g_logprob + g_entropy * (log_p + row_entropy));
     };
-    for (int64_t i = 0; i < vocab; ++i) out[i] = static_cast<T>(softmax_part(i) * inv_temperature);
-    out[y] = static_cast<T>((softmax_part(y) + g_logprob) * inv_temperature);
+    for (int64_t i = 0; i < vocab; ++i) out[i] = static_cast<T>(softmax_part(x[i]) * inv_temperature);
+    out[y] = static_cast<T>((softmax_part(x_y) + g_logprob) * inv_temperature);
   }
 }
 

@@ -62,8 +62,16 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
             None if old_logprobs is None else old_logprobs[start:end],
             None if ref_logprobs is None else ref_logprobs[start:end],
             clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef)
-        grad_logits = vocab_backward(grad_lp, grad_ent, logits, tokens[start:end], lse, ent,
-                                     temperature)
+        if vocab_impl == "cpp":
+            # The chunk's logits are ours and dead after this: the gradient
+            # overwrites them instead of taking a second (chunk, V) buffer.
+            torch.ops.riskpo.token_logprob_entropy_backward_(grad_lp, grad_ent, logits,
+                                                             tokens[start:end], lse, ent,
+                                                             temperature)
+            grad_logits = logits
+        else:
+            grad_logits = vocab_backward(grad_lp, grad_ent, logits, tokens[start:end], lse, ent,
+                                         temperature)
         del logits
         # Not mm(out=grad_hidden[start:end]): for bf16 on CPU that left the view
         # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.
