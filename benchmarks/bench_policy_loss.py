@@ -14,9 +14,10 @@ Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
                        of any implementation that computes the logits
 
 Time: methods alternate inside each round; median and best over the rounds.
-Peak extra memory: each method runs in a fresh subprocess, measured on its
-second call; on CPU the peak resident set (VmHWM, reset just before the call) over
-the resident set before it, on CUDA max_memory_allocated over memory_allocated.
+Peak extra memory of one call after a warm-up call: on CPU in a fresh subprocess
+per method, the peak resident set (VmHWM, reset just before the call) over the
+resident set before it; on CUDA in the timing process, max_memory_allocated over
+memory_allocated (exact per call, and no CUDA start-up per method).
 
 Prints a markdown table with ratios against the plain loss and the three
 matmuls, and appends rows (device, versions, commit, time) to a CSV.
@@ -192,6 +193,16 @@ def reset_peak_rss():
         f.write("5")
 
 
+def cuda_peak_of(fn):
+    """Peak bytes allocated by one call of ``fn`` beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def measure_peak_here(method, tokens, H, V, dtype, device):
     """Runs in a fresh process: peak extra bytes of one forward + backward."""
     # A warm-up call at the same size first: lazy imports, compilation (Liger
@@ -202,12 +213,7 @@ def measure_peak_here(method, tokens, H, V, dtype, device):
     if device == "cpu":  # hand freed heap pages back, so that RSS counts live memory only
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return cuda_peak_of(fn)
     before = rss_bytes()
     reset_peak_rss()
     fn()
@@ -275,9 +281,15 @@ def main(argv=None):
     for tokens, H, V in sizes:
         x = make_inputs(tokens, H, V, getattr(torch, dtype), device)
         timings = time_methods(methods, x, device, args.rounds)
+        peaks = {}
+        for m in timings:
+            if args.no_memory:
+                peaks[m] = float("nan")
+            elif device == "cuda":  # the allocator's own peak is exact per call: no subprocess
+                peaks[m] = cuda_peak_of(method_fn(m, x)) / 2**20
         del x
         for m in timings:
-            peak = float("nan") if args.no_memory else measure_peak(m, tokens, H, V, dtype, device)
+            peak = peaks[m] if m in peaks else measure_peak(m, tokens, H, V, dtype, device)
             rows.append(dict(method=m, tokens=tokens, H=H, V=V, dtype=dtype,
                              median_ms=timings[m][0], best_ms=timings[m][1], peak_extra_mib=peak))
         plain, floor = timings[PLAIN][1], timings[MATMULS][1]

@@ -104,6 +104,10 @@ done 2>&1 | tee "$OUT/train_smoke.log"
 grep -q "FAILED: training" "$OUT/train_smoke.log" && status=1
 
 step "summary"
-grep -E "passed|failed" "$OUT/pytest.log" | tail -1
+grep -E "passed|failed|skipped" "$OUT/pytest.log" | tail -1
+for log in "$OUT"/bench_*.log; do
+  echo; echo "$(basename "$log"):"; grep '^|' "$log"
+done
+grep -E '^(riskpo|grpo): ok|FAILED' "$OUT/train_smoke.log"
 echo "outputs in $OUT"
 exit $status
