@@ -148,6 +148,14 @@ def _fused_linear_setup(ctx, inputs, output):
 def _fused_linear_backward(ctx, grad_loss, *_unused):
     # The forward already holds d loss / d inputs: backward only scales them.
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    # type(...) is float: under fake-tensor tracing (opcheck, AOTAutograd) item()
+    # is a symbol, and the shortcut is not taken.
+    if (grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+            and type(scalar := grad_loss.item()) is float and scalar == 1.0):
+        # loss.backward(): hand over the buffers themselves. Autograd frees its
+        # saved tensors before accumulating, so the weight's .grad can take the
+        # (V, H) buffer instead of a copy. (On CUDA, checking would cost a sync.)
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 13
     scale = grad_loss.to(grad_hidden.dtype)
     return (grad_hidden * scale, grad_weight * scale,
             grad_bias * scale if ctx.has_bias else None) + (None,) * 13

@@ -192,3 +192,35 @@ def test_fused_linear_logprobs_rejects_bad_tokens():
         rk.fused_linear_logprobs(hidden, weight, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         rk.fused_linear_logprobs(hidden, weight, torch.zeros(2, 3, dtype=torch.long), temperature=0)
+
+
+def test_unit_backward_hands_over_its_buffers_and_stays_right_when_repeated(cpp_available):
+    """loss.backward() gives .grad the op's own gradient buffers (no scaled copy);
+    a retained graph backpropagated twice still accumulates exactly twice the
+    gradient, and a later scaled backward is unaffected."""
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V = 2, 5, 8, 29
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    advantages = torch.randn(B, generator=g)
+
+    def loss_of(impl):
+        return rk.fused_linear_policy_loss(hidden, weight, tokens, mask, advantages,
+                                           chunk_size=3, impl=impl).loss
+
+    expected = torch.autograd.grad(loss_of("reference"), (hidden, weight))
+    loss = loss_of("cpp")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, 2 * expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, 2 * expected[1], rtol=1e-5, atol=1e-6)
+    hidden.grad = weight.grad = None
+    loss_of("cpp").backward()
+    first = weight.grad
+    weight.grad.mul_(0.5)  # an optimizer-style in-place edit of .grad ...
+    hidden.grad = weight.grad = None
+    (3 * loss_of("cpp")).backward()  # ... does not leak into the next call
+    torch.testing.assert_close(weight.grad, 3 * expected[1], rtol=1e-5, atol=1e-6)
+    assert first is not weight.grad
