@@ -59,14 +59,20 @@ def _number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train, eval) records of a metrics.jsonl, in file order."""
+def read_records(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order; [] when there is no file.
+
+    A last line that does not parse is dropped (the run was killed mid-write);
+    a malformed line anywhere else is an error naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
     # Lines are decoded one by one so that a multi-byte character cut off by a
     # kill only spoils the last line, which is then dropped like any partial line.
     lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1)
              if raw.strip()]
-    train: list[dict] = []
-    evals: list[dict] = []
+    records: list[dict] = []
     for i, (lineno, raw) in enumerate(lines):
         try:
             record = json.loads(raw.decode("utf-8"))
@@ -75,13 +81,17 @@ def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             problem = str(exc)
         if problem is not None:
             if i == len(lines) - 1:
-                break  # the run was killed mid-write
+                break
             raise ValueError(f"{path}:{lineno}: malformed record: {problem}")
-        if record.get("kind") == "train":
-            train.append(record)
-        elif record.get("kind") == "eval":
-            evals.append(record)
-    return train, evals
+        records.append(record)
+    return records
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records of a metrics.jsonl, in file order."""
+    records = read_records(path)
+    return ([r for r in records if r.get("kind") == "train"],
+            [r for r in records if r.get("kind") == "eval"])
 
 
 def _read_json(path: Path) -> dict:

@@ -31,6 +31,7 @@ import torch
 import riskpo_kernels as rk
 
 from . import data as data_lib
+from .compare import read_records
 from .config import TrainConfig
 from .distributed import DistContext, init_distributed, shard_policy, shutdown
 from .model import (
@@ -559,19 +560,6 @@ class MetricsWriter:
             self.file.close()
         if self.board is not None:
             self.board.close()
-
-
-def read_records(path: Path) -> list[dict]:
-    """Every complete JSON line of a metrics file (a line cut by a crash is dropped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def keep_records_up_to(path: Path, step: int) -> None:
