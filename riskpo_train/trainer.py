@@ -207,6 +207,7 @@ class Trainer:
         settings = {k: getattr(cfg, k) for k in (
             "task_digits", "task_operators", "task_test_size", "task_seed", "tiny_hidden_size",
             "tiny_layers", "warmup_steps", "warmup_lr", "warmup_batch_size")}
+        settings["max_positions"] = self._tiny_max_positions()
         settings["format"] = 1
         path = cached_model_dir(cfg.warmup_cache, settings)
         if self.ctx.is_main and not (path / "config.json").is_file():
@@ -224,11 +225,15 @@ class Trainer:
         self.ctx.barrier()
         return path
 
+    def _tiny_max_positions(self) -> int:
+        """Context of the embedded model: bos, two operands, operator, '=', and the answer."""
+        cfg = self.cfg
+        return max(64, 2 * cfg.task_digits + 3 + cfg.max_new_tokens + 8)
+
     def _tiny_model(self, tokenizer):
         cfg = self.cfg
-        max_positions = 2 * cfg.task_digits + 2 + cfg.max_new_tokens + 8
         return build_tiny_model(tokenizer, hidden_size=cfg.tiny_hidden_size,
-                                num_layers=cfg.tiny_layers, max_positions=max(64, max_positions),
+                                num_layers=cfg.tiny_layers, max_positions=self._tiny_max_positions(),
                                 seed=cfg.task_seed)
 
     def _load_lm(self):
