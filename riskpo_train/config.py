@@ -14,6 +14,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 QUANTILE_MODES = ("batch", "track", "mix")
 CREDITS = ("uniform", "score", "std", "sum-mean")
 REWARD_NAMES = ("auto", "exact", "math")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _opt(default, help, choices=None, **kw):
@@ -69,6 +70,9 @@ class TrainConfig:
     entropy_coef: float = _opt(0.0, "entropy bonus")
     loss_agg: str = _opt("token-mean", "loss aggregation", LOSS_AGGS)
     chunk_size: int = _opt(0, "tokens per chunk of the fused loss (0: the library's default)")
+    param_dtype: str = _opt("float32", "under torchrun: FSDP mixed precision, the dtype forward "
+                                       "and backward run in (master weights, optimizer and "
+                                       "gradient reduction stay float32)", PARAM_DTYPES)
     # RiskPO (spec sections 3-6; defaults of the reference runs, section 9).
     bundle_size: int = _opt(5, "Q: prompts per bundle")
     alpha: float = _opt(0.2, "lower quantile level")

@@ -1,6 +1,6 @@
 """Process-group setup and the few collectives the trainer needs.
 
-One process by default. Under ``torchrun`` (WORLD_SIZE > 1) the policy is
+One process by default. Under ``torchrun`` (any number of processes) the policy is
 sharded with FSDP2 (``fully_shard`` on every decoder layer and on the root),
 gloo on CPU and NCCL on CUDA. Each rank samples for its own share of the
 step's prompts; rewards are then all-gathered so that every rank computes the
@@ -22,10 +22,13 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Launched by torchrun: a process group exists and the policy is sharded
+    # (also with one process, which is how one GPU gets FSDP's mixed precision).
+    distributed: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.distributed
 
     @property
     def is_main(self) -> bool:
@@ -67,16 +70,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init_distributed(device_name: str) -> DistContext:
     """The process group when launched by torchrun, else a one-process context."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world <= 1:
+    if not launched_by_torchrun():
         return DistContext(device=device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                       distributed=True)
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -87,20 +94,31 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def shard_policy(policy: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def shard_policy(policy: torch.nn.Module, ctx: DistContext,
+                 param_dtype: str = "float32") -> torch.nn.Module:
     """FSDP2 on every decoder layer, then on the whole policy (the root holds
     the embeddings, final norm and lm_head). ``generate`` is registered as a
-    forward method so that sampling all-gathers the root's parameters too."""
+    forward method so that sampling all-gathers the root's parameters too.
+
+    param_dtype other than float32: FSDP's mixed precision. The sharded
+    parameters and the optimizer stay float32; forward and backward run on
+    parameters cast to param_dtype; gradients are reduced in float32."""
     if not ctx.enabled:
+        if param_dtype != "float32":
+            raise ValueError(f"--param-dtype {param_dtype} is FSDP's mixed precision: launch "
+                             "with torchrun (--nproc_per_node 1 works for one device)")
         return policy
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     layers = getattr(policy.lm.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError("FSDP sharding expects the decoder's blocks in `.layers` "
                          "(Llama/Qwen/Mistral layout)")
+    mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype),
+                                     reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(policy)
+        fully_shard(layer, mp_policy=mp_policy)
+    fully_shard(policy, mp_policy=mp_policy)
     register_fsdp_forward_method(policy, "generate")
     return policy

@@ -33,7 +33,8 @@ import riskpo_kernels as rk
 from . import data as data_lib
 from .compare import read_records
 from .config import TrainConfig
-from .distributed import DistContext, init_distributed, shard_policy, shutdown
+from .distributed import (DistContext, init_distributed, launched_by_torchrun, shard_policy,
+                          shutdown)
 from .model import (
     build_char_tokenizer,
     build_tiny_model,
@@ -264,9 +265,9 @@ class Trainer:
             ref_lm, _ = self._load_lm()
             ref_lm.requires_grad_(False)
             self.ref_policy = shard_policy(Policy(ref_lm.eval(), temperature=cfg.temperature,
-                                                  chunk_size=chunk), self.ctx)
+                                                  chunk_size=chunk), self.ctx, cfg.param_dtype)
         self.policy = shard_policy(Policy(lm.eval(), temperature=cfg.temperature,
-                                          chunk_size=chunk), self.ctx)
+                                          chunk_size=chunk), self.ctx, cfg.param_dtype)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.tracker = rk.QuantileTracker(lr=cfg.tracker_lr) if cfg.algo == "riskpo" else None
@@ -636,7 +637,7 @@ def main(argv=None) -> int:
         final = summary.get("final_eval") or {}
         print(json.dumps({"out": cfg.out, "steps": summary["steps"],
                           "test_pass@1": final.get("pass@1"), "test_pass@k": final.get("pass@k")}))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_by_torchrun():
         # torchrun CPU workers can abort in interpreter teardown after a clean
         # run; the process group is already gone, so leave now with success.
         sys.stdout.flush()

@@ -4,6 +4,7 @@ one process and on two FSDP processes (gloo, CPU)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,20 +57,34 @@ def test_one_update_matches_on_one_and_two_fsdp_processes(tmp_path):
                 assert error <= 1e-5, (agg, name, error.item())
 
 
-def test_the_trainer_runs_and_exits_cleanly_under_torchrun(tmp_path):
+@pytest.mark.parametrize("procs,param_dtype", [(2, "float32"), (1, "bfloat16")])
+def test_the_trainer_runs_and_exits_cleanly_under_torchrun(tmp_path, procs, param_dtype):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+           "--standalone",
            "-m", "riskpo_train", "--out", str(out), "--warmup-cache", str(tmp_path / "cache"),
            "--warmup-steps", "20", "--tiny-hidden-size", "32", "--task-test-size", "20",
            "--rl-steps", "2", "--prompts-per-step", "10", "--group-size", "4",
            "--eval-questions", "5", "--eval-samples", "2", "--eval-every", "1",
-           "--kl-coef", "0.05", "--no-progress"]
+           "--kl-coef", "0.05", "--param-dtype", param_dtype, "--no-progress"]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
     evals = [r for r in records if r["kind"] == "eval"]
-    # 5 questions split 3 + 2 over the ranks, counted once each.
+    # 5 questions (split 3 + 2 over two ranks) counted once each.
     assert [r["questions"] for r in evals] == [5, 5, 5]
-    assert all("kl" in r and r["kl"] >= 0 for r in records if r["kind"] == "train")
+    assert all("kl" in r and r["kl"] >= 0 for r in train)
+    assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in train)
+    # Mixed precision keeps float32 master weights: the checkpoint holds them.
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert all(w.dtype == torch.float32 for w in state["model"].values())
     assert (out / "final_model" / "config.json").is_file()
+
+
+def test_mixed_precision_without_torchrun_is_refused():
+    from riskpo_train.distributed import DistContext, shard_policy
+
+    with pytest.raises(ValueError, match="--param-dtype bfloat16 .* torchrun"):
+        shard_policy(torch.nn.Module(), DistContext(), "bfloat16")
