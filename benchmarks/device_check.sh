@@ -86,7 +86,7 @@ else
 fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "policy-loss benchmark"
 
-step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm)"
+step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm, and FSDP in bf16)"
 TRAIN_DEVICE=cuda
 [ "$MODE" = cpu ] && TRAIN_DEVICE=cpu
 smoke=$(mktemp -d)
@@ -101,6 +101,19 @@ for algo in riskpo grpo; do
   grep -v -i "warn" "$smoke/$algo.log" | tail -3
   cat "$smoke/$algo/metrics.jsonl" 2>/dev/null
 done 2>&1 | tee "$OUT/train_smoke.log"
+# The FSDP path (NCCL on the GPU, gloo here) with bf16 mixed precision.
+{
+  if $PY -m torch.distributed.run --nproc_per_node 1 --standalone -m riskpo_train \
+      --device $TRAIN_DEVICE --param-dtype bfloat16 --out "$smoke/fsdp" \
+      --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
+      --eval-questions 40 --no-progress >"$smoke/fsdp.log" 2>&1; then
+    echo "fsdp-bf16: ok"
+  else
+    echo "FAILED: training smoke test (fsdp-bf16)"
+  fi
+  grep -v -i "warn" "$smoke/fsdp.log" | tail -3
+  cat "$smoke/fsdp/metrics.jsonl" 2>/dev/null
+} 2>&1 | tee -a "$OUT/train_smoke.log"
 grep -q "FAILED: training" "$OUT/train_smoke.log" && status=1
 
 step "summary"
@@ -108,6 +121,6 @@ grep -E "passed|failed|skipped" "$OUT/pytest.log" | tail -1
 for log in "$OUT"/bench_*.log; do
   echo; echo "$(basename "$log"):"; grep '^|' "$log"
 done
-grep -E '^(riskpo|grpo): ok|FAILED' "$OUT/train_smoke.log"
+grep -E '^(riskpo|grpo|fsdp-bf16): ok|FAILED' "$OUT/train_smoke.log"
 echo "outputs in $OUT"
 exit $status

@@ -29,5 +29,5 @@ def test_device_check_dry_run_writes_its_eight_files(tmp_path):
                             "bench_cpu.log", "policy_loss_cpu.csv", "bench_policy_loss_cpu.log",
                             "train_smoke.log"])
     smoke = (tmp_path / "train_smoke.log").read_text()
-    assert "riskpo: ok" in smoke and "grpo: ok" in smoke
-    assert smoke.count('"kind": "train"') == 6
+    assert "riskpo: ok" in smoke and "grpo: ok" in smoke and "fsdp-bf16: ok" in smoke
+    assert smoke.count('"kind": "train"') == 9
