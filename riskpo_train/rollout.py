@@ -147,19 +147,17 @@ def sample(generate: Callable, tokenizer, prompts: list[str], answers: list[str]
 
 
 def pass_at_k(num_samples: int, num_correct: torch.Tensor, k: int) -> torch.Tensor:
-    """Unbiased Pass@k per question (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    """Unbiased Pass@k per question (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    num_correct: (Q,) successes among ``num_samples`` samples each -> (Q,) float64.
+    """
     if not 1 <= k <= num_samples:
         raise ValueError(f"k must be in [1, {num_samples}], got {k}")
-    c = num_correct.to(torch.float64)
-    # prod_{i=n-c+1}^{n} (1 - k / i), the stable form of C(n-c, k) / C(n, k).
-    result = torch.ones_like(c)
-    for idx, ci in enumerate(c.tolist()):
-        ci = int(ci)
-        if num_samples - ci < k:
-            result[idx] = 0.0
-            continue
-        fail = 1.0
-        for i in range(num_samples - ci + 1, num_samples + 1):
-            fail *= 1.0 - k / i
-        result[idx] = fail
-    return 1.0 - result
+    n = num_samples
+    c = num_correct.to(torch.float64).reshape(-1, 1)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=c.device)
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i), the stable form; it
+    # is 0 when n - c < k (the factor i = k is then in the product).
+    factors = torch.where(i > n - c, 1.0 - k / i, torch.ones_like(i))
+    fail = torch.where(n - c.squeeze(1) < k, torch.zeros_like(c.squeeze(1)), factors.prod(-1))
+    return 1.0 - fail
