@@ -214,6 +214,8 @@ TRITON_SCHEMAS = {
     "token_logprob_entropy_triton": SCHEMAS["token_logprob_entropy"],
     # Same contract as token_logprob_entropy_backward.
     "token_logprob_entropy_triton_backward": SCHEMAS["token_logprob_entropy_backward"],
+    # Same contract as token_logprob_entropy_backward_ (the gradient over the logits).
+    "token_logprob_entropy_triton_backward_": SCHEMAS["token_logprob_entropy_backward_"],
 }
 
 for _name, _schema in TRITON_SCHEMAS.items():
@@ -235,13 +237,25 @@ def _token_logprob_entropy_triton_backward_impl(grad_logprobs, grad_entropy, log
                                            temperature)
 
 
+def _token_logprob_entropy_triton_backward_inplace_impl(grad_logprobs, grad_entropy, logits,
+                                                        tokens, lse, entropy, temperature):
+    from .policy.triton_kernels import logprob_entropy_backward_triton
+
+    logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                    temperature, in_place=True)
+
+
 _LIBRARY.impl("token_logprob_entropy_triton", _token_logprob_entropy_triton_impl,
               "CompositeExplicitAutograd")
+_LIBRARY.impl("token_logprob_entropy_triton_backward_",
+              _token_logprob_entropy_triton_backward_inplace_impl, "CompositeExplicitAutograd")
 _LIBRARY.impl("token_logprob_entropy_triton_backward", _token_logprob_entropy_triton_backward_impl,
               "CompositeExplicitAutograd")
 torch.library.register_fake("riskpo::token_logprob_entropy_triton", _token_logprob_entropy_fake)
 torch.library.register_fake("riskpo::token_logprob_entropy_triton_backward",
                             _token_logprob_entropy_backward_fake)
+torch.library.register_fake("riskpo::token_logprob_entropy_triton_backward_",
+                            _token_logprob_entropy_backward_inplace_fake)
 
 
 # The setup (what is saved: logits, tokens and two floats per row) is the C++ op's.

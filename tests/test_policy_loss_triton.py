@@ -137,6 +137,11 @@ def test_launchers_match_reference(tk, device, dtype):
         assert grad.dtype == dtype and grad.shape == (5, V) and grad.is_contiguous()
         assert_close_for(grad.cpu(), want_grad, dtype, msg=lambda m: f"grad {what}: {m}")
         assert torch.equal(grad[1], torch.zeros_like(grad[1])), "a masked token's row must be 0"
+        # Written over the (contiguous) logits instead: bitwise the same gradient.
+        buffer = logits.contiguous().clone()
+        out = tk.logprob_entropy_backward_triton(g_lp, g_h, buffer, tokens, lse, entropy,
+                                                 temperature, block_v=block_v, in_place=True)
+        assert out is buffer and torch.equal(buffer, grad), f"in place {what}"
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES)
@@ -261,6 +266,10 @@ def test_opcheck(device):
                               (torch.randn(5, generator=g).to(acc).to(device),
                                torch.randn(5, generator=g).to(acc).to(device),
                                logits, tokens, lse, entropy, 0.9))
+        torch.library.opcheck(torch.ops.riskpo.token_logprob_entropy_triton_backward_.default,
+                              (torch.randn(5, generator=g).to(acc).to(device),
+                               torch.randn(5, generator=g).to(acc).to(device),
+                               logits.clone(), tokens, lse, entropy, 0.9))
 
 
 def test_torch_compile_fullgraph_forward_and_backward(device):
@@ -299,6 +308,16 @@ def _bad_calls(device):
         ("bwd", (per_row, per_row, logits, tokens, per_row, per_row, -2.0), {},
          "temperature must be finite and > 0"),
     ]
+
+
+def test_the_in_place_backward_refuses_logits_it_cannot_overwrite(tk, device):
+    logits = torch.randn(4, 10, device=device)
+    tokens = torch.zeros(4, dtype=torch.long, device=device)
+    _, entropy, lse = tk.logprob_entropy_triton(logits, tokens, 1.0)
+    ones = torch.ones(4, device=device)
+    with pytest.raises(ValueError, match="contiguous .* to be overwritten"):
+        tk.logprob_entropy_backward_triton(ones, ones, logits.t().contiguous().t(), tokens, lse,
+                                           entropy, 1.0, in_place=True)
 
 
 def test_bad_arguments(tk, device):

@@ -15,9 +15,12 @@ import torch
 from .token_loss import token_loss_and_grads
 
 # Per-row vocabulary ops of each backend: forward (logprobs, entropy, lse) and backward.
+# (forward, backward, backward written over the logits) of each implementation.
 VOCAB_OPS = {
-    "cpp": ("token_logprob_entropy", "token_logprob_entropy_backward"),
-    "triton": ("token_logprob_entropy_triton", "token_logprob_entropy_triton_backward"),
+    "cpp": ("token_logprob_entropy", "token_logprob_entropy_backward",
+            "token_logprob_entropy_backward_"),
+    "triton": ("token_logprob_entropy_triton", "token_logprob_entropy_triton_backward",
+               "token_logprob_entropy_triton_backward_"),
 }
 
 
@@ -40,9 +43,9 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
     """hidden: (N, H), weight: (V, H), bias: (V,) or None, tokens/weights/advantages/
     old/ref: (N,). Returns loss (), logprobs (N,), entropy (N,), grad_hidden (N, H),
     grad_weight (V, H), grad_bias (V,) (empty without bias): the gradients of loss."""
-    forward_name, backward_name = VOCAB_OPS[vocab_impl]
+    forward_name, _, backward_in_place_name = VOCAB_OPS[vocab_impl]
     vocab_forward = getattr(torch.ops.riskpo, forward_name)
-    vocab_backward = getattr(torch.ops.riskpo, backward_name)
+    vocab_backward_in_place = getattr(torch.ops.riskpo, backward_in_place_name)
     N = hidden.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprobs = hidden.new_empty((N,), dtype=acc)
@@ -62,16 +65,11 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
             None if old_logprobs is None else old_logprobs[start:end],
             None if ref_logprobs is None else ref_logprobs[start:end],
             clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef)
-        if vocab_impl == "cpp":
-            # The chunk's logits are ours and dead after this: the gradient
-            # overwrites them instead of taking a second (chunk, V) buffer.
-            torch.ops.riskpo.token_logprob_entropy_backward_(grad_lp, grad_ent, logits,
-                                                             tokens[start:end], lse, ent,
-                                                             temperature)
-            grad_logits = logits
-        else:
-            grad_logits = vocab_backward(grad_lp, grad_ent, logits, tokens[start:end], lse, ent,
-                                         temperature)
+        # The chunk's logits are ours and dead after this: the gradient
+        # overwrites them instead of taking a second (chunk, V) buffer.
+        vocab_backward_in_place(grad_lp, grad_ent, logits, tokens[start:end], lse, ent,
+                                temperature)
+        grad_logits = logits
         del logits
         # Not mm(out=grad_hidden[start:end]): for bf16 on CPU that left the view
         # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.

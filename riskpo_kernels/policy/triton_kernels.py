@@ -252,14 +252,24 @@ def logprob_entropy_triton(logits, tokens, temperature, block_v=None):
 
 
 def logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
-                                    temperature, block_v=None):
+                                    temperature, block_v=None, in_place=False):
     """d(loss)/d(logits): (N, V) in the logits' dtype, from grad_logprobs,
     grad_entropy: (N,) and the forward's lse, entropy: (N,), with
 
         d/dlogits = (g_lp (onehot_y - p) - g_H p (log p + H)) / temperature.
+
+    in_place: write the gradient over ``logits`` (contiguous) and return it. The
+    kernel loads each block before it stores that block, and the target's term
+    is added inside its block, so nothing it reads has been overwritten.
     """
-    op = "token_logprob_entropy_triton_backward"
+    op = "token_logprob_entropy_triton_backward" + ("_" if in_place else "")
+    if in_place and not (isinstance(logits, torch.Tensor) and logits.dim() == 2
+                         and logits.is_contiguous()):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        _fail(op, f"logits must be a contiguous (N, V) tensor to be overwritten, got {shape}")
+    original = logits
     logits, tokens, temperature = _check_logits_tokens(op, logits, tokens, temperature)
+    assert not in_place or logits is original  # contiguous logits are not copied
     rows, vocab = logits.shape
     acc, acc_tl = _acc(logits.dtype)
     per_row = {}
@@ -274,7 +284,8 @@ def logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens,
         if t.device != logits.device:
             _fail(op, f"{name} is on {t.device} but logits is on {logits.device}")
         per_row[name] = t.to(acc).contiguous()
-    grad_logits = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    grad_logits = logits if in_place else torch.empty((rows, vocab), dtype=logits.dtype,
+                                                      device=logits.device)
     if rows == 0:
         return grad_logits
     block, num_warps = _launch_config(vocab, block_v)
