@@ -23,6 +23,11 @@ MODE=gpu
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Each step has a time limit, so that one that hangs still leaves the others'
+# results in $OUT within the device lease (the whole run should take < 8 min).
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-90}
 status=0
 step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
 fail() { echo "FAILED: $*"; status=1; }
@@ -65,13 +70,13 @@ step "tests"
 if [ -n "${RISKPO_SKIP_TESTS:-}" ]; then
   echo "skipped (RISKPO_SKIP_TESTS is set: the test suite itself runs this script)" | tee "$OUT/pytest.log"
 else
-$PY -m pytest -q -rfE -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40
+timeout "$TESTS_TIMEOUT" $PY -m pytest -q -rfE -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "tests"
 fi
 
 step "advantage benchmark"
 if [ "$MODE" = gpu ]; then
-  $PY benchmarks/bench_advantages.py --device cuda --csv "$OUT/advantages_cuda.csv" 2>&1 | tee "$OUT/bench_cuda.log"
+  timeout "$BENCH_TIMEOUT" $PY benchmarks/bench_advantages.py --device cuda --csv "$OUT/advantages_cuda.csv" 2>&1 | tee "$OUT/bench_cuda.log"
 else
   $PY benchmarks/bench_advantages.py --quick --csv "$OUT/advantages_cpu.csv" 2>&1 | tee "$OUT/bench_cpu.log"
 fi
@@ -79,7 +84,7 @@ fi
 
 step "policy-loss benchmark"
 if [ "$MODE" = gpu ]; then
-  $PY benchmarks/bench_policy_loss.py --device cuda --rounds 5 --csv "$OUT/policy_loss_cuda.csv" 2>&1 \
+  timeout "$BENCH_TIMEOUT" $PY benchmarks/bench_policy_loss.py --device cuda --rounds 5 --csv "$OUT/policy_loss_cuda.csv" 2>&1 \
     | tee "$OUT/bench_policy_loss_cuda.log"
 else
   $PY benchmarks/bench_policy_loss.py --quick --csv "$OUT/policy_loss_cpu.csv" 2>&1 | tee "$OUT/bench_policy_loss_cpu.log"
@@ -91,7 +96,7 @@ TRAIN_DEVICE=cuda
 [ "$MODE" = cpu ] && TRAIN_DEVICE=cpu
 smoke=$(mktemp -d)
 for algo in riskpo grpo; do
-  if $PY -m riskpo_train --device $TRAIN_DEVICE --algo $algo --out "$smoke/$algo" \
+  if timeout "$SMOKE_TIMEOUT" $PY -m riskpo_train --device $TRAIN_DEVICE --algo $algo --out "$smoke/$algo" \
       --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
       --eval-questions 40 --no-progress >"$smoke/$algo.log" 2>&1; then
     echo "$algo: ok"
@@ -103,7 +108,7 @@ for algo in riskpo grpo; do
 done 2>&1 | tee "$OUT/train_smoke.log"
 # The FSDP path (NCCL on the GPU, gloo here) with bf16 mixed precision.
 {
-  if $PY -m torch.distributed.run --nproc_per_node 1 --standalone -m riskpo_train \
+  if timeout "$SMOKE_TIMEOUT" $PY -m torch.distributed.run --nproc_per_node 1 --standalone -m riskpo_train \
       --device $TRAIN_DEVICE --param-dtype bfloat16 --out "$smoke/fsdp" \
       --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
       --eval-questions 40 --no-progress >"$smoke/fsdp.log" 2>&1; then
