@@ -95,30 +95,26 @@ step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm, 
 TRAIN_DEVICE=cuda
 [ "$MODE" = cpu ] && TRAIN_DEVICE=cpu
 smoke=$(mktemp -d)
-for algo in riskpo grpo; do
-  if timeout "$SMOKE_TIMEOUT" $PY -m riskpo_train --device $TRAIN_DEVICE --algo $algo --out "$smoke/$algo" \
+# smoke LABEL COMMAND...: a warm-up and 3 RL steps of riskpo_train, run by COMMAND.
+smoke() {
+  local label=$1; shift
+  if timeout "$SMOKE_TIMEOUT" "$@" --device $TRAIN_DEVICE --out "$smoke/$label" \
       --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
-      --eval-questions 40 --no-progress >"$smoke/$algo.log" 2>&1; then
-    echo "$algo: ok"
+      --eval-questions 40 --no-progress >"$smoke/$label.log" 2>&1; then
+    echo "$label: ok"
   else
-    fail "training smoke test ($algo)"
+    echo "FAILED: training smoke test ($label)"
   fi
-  grep -v -i "warn" "$smoke/$algo.log" | tail -3
-  cat "$smoke/$algo/metrics.jsonl" 2>/dev/null
-done 2>&1 | tee "$OUT/train_smoke.log"
-# The FSDP path (NCCL on the GPU, gloo here) with bf16 mixed precision.
+  grep -v -i "warn" "$smoke/$label.log" | tail -3
+  cat "$smoke/$label/metrics.jsonl" 2>/dev/null
+}
 {
-  if timeout "$SMOKE_TIMEOUT" $PY -m torch.distributed.run --nproc_per_node 1 --standalone -m riskpo_train \
-      --device $TRAIN_DEVICE --param-dtype bfloat16 --out "$smoke/fsdp" \
-      --warmup-cache "$smoke/cache" --warmup-steps 200 --rl-steps 3 --eval-every 0 \
-      --eval-questions 40 --no-progress >"$smoke/fsdp.log" 2>&1; then
-    echo "fsdp-bf16: ok"
-  else
-    echo "FAILED: training smoke test (fsdp-bf16)"
-  fi
-  grep -v -i "warn" "$smoke/fsdp.log" | tail -3
-  cat "$smoke/fsdp/metrics.jsonl" 2>/dev/null
-} 2>&1 | tee -a "$OUT/train_smoke.log"
+  smoke riskpo $PY -m riskpo_train --algo riskpo
+  smoke grpo $PY -m riskpo_train --algo grpo
+  # The FSDP path (NCCL on the GPU, gloo here) with bf16 mixed precision.
+  smoke fsdp-bf16 $PY -m torch.distributed.run --nproc_per_node 1 --standalone -m riskpo_train \
+    --param-dtype bfloat16
+} 2>&1 | tee "$OUT/train_smoke.log"
 grep -q "FAILED: training" "$OUT/train_smoke.log" && status=1
 
 step "summary"
