@@ -39,11 +39,6 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenation over ranks, in rank order (every rank's tensor has the same shape)."""
         if not self.enabled:

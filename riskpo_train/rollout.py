@@ -31,10 +31,6 @@ class Rollout:
     completions: list[str]
     reward_errors: int = 0
 
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.response.shape[1]
-
     def select(self, rows: torch.Tensor | slice) -> Rollout:
         """The rows ``rows`` of every tensor (a minibatch)."""
         if isinstance(rows, slice):

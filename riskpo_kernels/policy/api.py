@@ -69,8 +69,12 @@ def _resolve(impl, device):
     return impl
 
 
-def _checked_token_ids(tokens, V):
-    """tokens as int64, their range checked where that costs no device sync."""
+def _checked_tokens(tokens, B, T, V, device):
+    """tokens: (B, T) int64/int32 on ``device`` -> int64, the range checked where
+    that costs no device sync."""
+    _check_token_tensor("tokens", tokens, (B, T), device)
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
     tokens = tokens.long()
     # Out-of-range ids would index outside a row. Checking costs a sync on GPU,
     # so there the kernels' callers must pass valid ids (the C++ op checks too).
@@ -79,6 +83,13 @@ def _checked_token_ids(tokens, V):
         if low < 0 or high >= V:
             raise ValueError(f"tokens must lie in [0, {V}), got values in [{low}, {high}]")
     return tokens
+
+
+def _checked_temperature(temperature) -> float:
+    temperature = v.check_float("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return temperature
 
 
 @dataclass(frozen=True)
@@ -96,9 +107,7 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
                      clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
                      agg) -> _LossArgs:
     """The checks shared by both loss paths; each error names its argument."""
-    _check_token_tensor("tokens", tokens, (B, T), device)
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+    tokens = _checked_tokens(tokens, B, T, V, device)
     _check_token_tensor("mask", mask, (B, T), device)
     if not (mask.dtype == torch.bool or mask.is_floating_point()):
         raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
@@ -120,11 +129,8 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
         raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
     kl_coef = v.check_float("kl_coef", kl_coef, minimum=0.0)
     entropy_coef = v.check_float("entropy_coef", entropy_coef)
-    temperature = v.check_float("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = _checked_temperature(temperature)
     v.check_choice("agg", agg, AGGREGATIONS)
-    tokens = _checked_token_ids(tokens, V)
     return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
 
 
@@ -257,13 +263,8 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
     Peak extra memory is one (chunk_size, V) block of logits.
     """
     B, T, H, V = _check_linear(hidden, weight, bias)
-    _check_token_tensor("tokens", tokens, (B, T), hidden.device)
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be int64 (or int32), got {tokens.dtype}")
-    temperature = v.check_float("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    tokens = _checked_token_ids(tokens, V)
+    tokens = _checked_tokens(tokens, B, T, V, hidden.device)
+    temperature = _checked_temperature(temperature)
     N = B * T
     chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
                   else v.check_int("chunk_size", chunk_size, 1))
