@@ -7,6 +7,26 @@ from .policy import PolicyLossOutput, fused_linear_policy_loss
 from .risk_core import MVaRResult, QuantileTracker, mvar_advantages
 
 
+def tracked_inputs(tracker: QuantileTracker | None, alpha, beta, quantile_mode, mean_baseline,
+                   natural_baseline) -> dict:
+    """The tracker's part of :func:`mvar_advantages`' arguments: ``q_lo``, ``q_hi``
+    for track / mix mode and, with ``mean_baseline``, ``base_mid``, ``base_low``
+    (spec section 6). Before the tracker's first update: batch quantiles and
+    zero baselines."""
+    inputs = {"q_lo": None, "q_hi": None, "base_mid": 0.0, "base_low": 0.0}
+    if tracker is None:
+        if mean_baseline:
+            raise ValueError("mean_baseline needs a tracker (its baselines are the tracked ones)")
+        return inputs
+    if tracker.initialized:
+        if quantile_mode != "batch":
+            inputs["q_lo"], inputs["q_hi"] = tracker.value(alpha), tracker.value(beta)
+        if mean_baseline:
+            inputs["base_mid"], inputs["base_low"] = tracker.baselines(alpha, beta,
+                                                                       natural_baseline)
+    return inputs
+
+
 def riskpo_policy_loss(hidden, weight, tokens, mask, rewards, *, group_size, bundle_size=5,
                        alpha=0.2, beta=0.8, w_low=1.5, w_high=0.0, quantile_mode="batch",
                        credit="uniform", normalize_std=True, natural_baseline=True,
@@ -28,20 +48,12 @@ def riskpo_policy_loss(hidden, weight, tokens, mask, rewards, *, group_size, bun
 
     Returns (loss output, MVaRResult).
     """
-    q_lo = q_hi = None
-    base_mid = base_low = 0.0
-    if tracker is not None and tracker.initialized:
-        if quantile_mode != "batch":
-            q_lo, q_hi = tracker.value(alpha), tracker.value(beta)
-        if mean_baseline:
-            base_mid, base_low = tracker.baselines(alpha, beta, natural_baseline)
-    elif mean_baseline and tracker is None:
-        raise ValueError("mean_baseline needs a tracker (its baselines are the tracked ones)")
     risk = mvar_advantages(rewards, group_size=group_size, bundle_size=bundle_size, alpha=alpha,
                            beta=beta, w_low=w_low, w_high=w_high, quantile_mode=quantile_mode,
-                           q_lo=q_lo, q_hi=q_hi, credit=credit, normalize_std=normalize_std,
-                           natural_baseline=natural_baseline, base_mid=base_mid,
-                           base_low=base_low, eps=eps, impl="auto")
+                           credit=credit, normalize_std=normalize_std,
+                           natural_baseline=natural_baseline, eps=eps, impl="auto",
+                           **tracked_inputs(tracker, alpha, beta, quantile_mode, mean_baseline,
+                                            natural_baseline))
     if risk.advantages.shape[0] != hidden.shape[0]:
         raise ValueError(f"rewards hold {risk.advantages.shape[0]} responses but hidden has "
                          f"{hidden.shape[0]} sequences (B must equal P * n)")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import riskpo_kernels as rk
+from riskpo_kernels.riskpo_loss import tracked_inputs
 
 from . import data as data_lib
 from .compare import read_records
@@ -297,20 +298,14 @@ class Trainer:
         if cfg.algo == "grpo":
             return rk.grpo_advantages(rewards, group_size=n,
                                       normalize_std=cfg.grpo_normalize_std), {}
-        q_lo = q_hi = None
-        base_mid = base_low = 0.0
-        if self.tracker.initialized:
-            if cfg.quantile_mode != "batch":
-                q_lo, q_hi = self.tracker.value(cfg.alpha), self.tracker.value(cfg.beta)
-            if cfg.mean_baseline:
-                base_mid, base_low = self.tracker.baselines(cfg.alpha, cfg.beta,
-                                                            cfg.natural_baseline)
         res = rk.mvar_advantages(rewards, group_size=n, bundle_size=cfg.bundle_size,
                                  alpha=cfg.alpha, beta=cfg.beta, w_low=cfg.w_low,
-                                 w_high=cfg.w_high, quantile_mode=cfg.quantile_mode, q_lo=q_lo,
-                                 q_hi=q_hi, credit=cfg.credit, normalize_std=cfg.normalize_std,
-                                 natural_baseline=cfg.natural_baseline, base_mid=base_mid,
-                                 base_low=base_low)
+                                 w_high=cfg.w_high, quantile_mode=cfg.quantile_mode,
+                                 credit=cfg.credit, normalize_std=cfg.normalize_std,
+                                 natural_baseline=cfg.natural_baseline,
+                                 **tracked_inputs(self.tracker, cfg.alpha, cfg.beta,
+                                                  cfg.quantile_mode, cfg.mean_baseline,
+                                                  cfg.natural_baseline))
         self.tracker.update(res.bundle_scores)
         return res.advantages, {"q_lo": res.q_lo.float().mean().item(),
                                 "q_hi": res.q_hi.float().mean().item()}
