@@ -21,12 +21,13 @@ before the process first imports triton (see ``INTERPRETED`` below).
 from __future__ import annotations
 
 import contextlib
-import math
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import _validation as v
 
 # Rows are spread over at most this many programs, each looping over its rows:
 # no grid dimension overflows at 64k+ rows, and there are still far more
@@ -39,6 +40,20 @@ LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Set below, once the kernels exist: True where the kernels run on CPU tensors.
 INTERPRETED = False
+
+# Compile options of every launch here. By default Triton lets LLVM and ptxas
+# contract a multiply feeding an add into one fma: `z = x * inv_t` then
+# `z - m` became fma(x, inv_t, -m), exact product minus a max taken over the
+# *rounded* products, so the argmax of a row was shifted by up to half an ulp
+# of z instead of 0 (at logits of 1e4 / 0.7: 2e-4, and a one-hot row's
+# log-prob and gradient were off by that much). The first H100 run failed
+# test_extreme_logits_stay_finite this way, while the interpreter (numpy, one
+# rounding per operation) passed. Without fusion every float operation rounds
+# as the interpreter's do, so CI's interpreter runs check what the card
+# computes, up to the approximate exp2 / log / division (benchmarks/NOTES.md).
+# The kernels are memory-bound (a few flops per loaded byte): the lost fmas
+# cost no measurable time. tests/test_policy_loss_triton_ptx.py checks the PTX.
+KERNEL_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -156,45 +171,32 @@ INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
                   for f in (_logprob_entropy_fwd_kernel, _logprob_entropy_bwd_kernel, tl.sum, tl.max))
 
 
-def _fail(op, message):
-    raise ValueError(f"{op}: {message}")
-
-
 def _check_logits_tokens(op, logits, tokens, temperature):
-    if not isinstance(logits, torch.Tensor):
-        _fail(op, f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    v.check_tensor("logits", logits, op=op)
     if logits.dim() != 2:
-        _fail(op, f"logits must be (N, V), got shape {tuple(logits.shape)}")
+        v._fail(op, f"logits must be (N, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in LOGIT_DTYPES:
-        _fail(op, f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+        v._fail(op, f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     if logits.shape[1] < 1:
-        _fail(op, "logits has an empty vocabulary (V = 0)")
-    if not isinstance(tokens, torch.Tensor):
-        _fail(op, f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        v._fail(op, "logits has an empty vocabulary (V = 0)")
+    v.check_tensor("tokens", tokens, op=op)
     if tokens.dim() != 1 or tokens.shape[0] != logits.shape[0]:
-        _fail(op, f"tokens must be (N,) = ({logits.shape[0]},), got shape {tuple(tokens.shape)}")
+        v._fail(op, f"tokens must be (N,) = ({logits.shape[0]},), got shape {tuple(tokens.shape)}")
     if tokens.dtype != torch.int64:
-        _fail(op, f"tokens must be int64, got {tokens.dtype}")
+        v._fail(op, f"tokens must be int64, got {tokens.dtype}")
     if tokens.device != logits.device:
-        _fail(op, f"tokens is on {tokens.device} but logits is on {logits.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        _fail(op, f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        _fail(op, f"temperature must be finite and > 0, got {temperature}")
+        v._fail(op, f"tokens is on {tokens.device} but logits is on {logits.device}")
+    temperature = v.check_temperature(temperature, op=op)
     if logits.device.type == "cpu":
         if not INTERPRETED:
             raise RuntimeError(f"{op}: the triton kernels need CUDA tensors, or CPU tensors with "
                                "TRITON_INTERPRET=1 set before the process first imports triton")
         # A sync is free on CPU. On CUDA an out-of-range token gives a NaN
         # log-prob (the kernel never reads outside the row) rather than a sync.
-        if tokens.numel():
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= logits.shape[1]:
-                _fail(op, f"tokens must lie in [0, {logits.shape[1]}), got values in [{low}, {high}]")
+        v.check_token_range(tokens, logits.shape[1], op=op)
     elif logits.device.type != "cuda":
-        _fail(op, f"logits must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), "
-                  f"got {logits.device}")
+        v._fail(op, f"logits must be on a CUDA device (or the CPU under TRITON_INTERPRET=1), "
+                    f"got {logits.device}")
     # The kernels need unit stride along V only; rows may be strided (a slice).
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -247,7 +249,7 @@ def logprob_entropy_triton(logits, tokens, temperature, block_v=None):
     with _on_device(logits.device):
         _logprob_entropy_fwd_kernel[grid](
             logits, tokens, logprobs, entropy, lse, rows, vocab, logits.stride(0), hi, lo,
-            ACC=acc_tl, BLOCK_V=block, num_warps=num_warps)
+            ACC=acc_tl, BLOCK_V=block, num_warps=num_warps, **KERNEL_OPTIONS)
     return logprobs, entropy, lse
 
 
@@ -263,10 +265,12 @@ def logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens,
     is added inside its block, so nothing it reads has been overwritten.
     """
     op = "token_logprob_entropy_triton_backward" + ("_" if in_place else "")
-    if in_place and not (isinstance(logits, torch.Tensor) and logits.dim() == 2
-                         and logits.is_contiguous()):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        _fail(op, f"logits must be a contiguous (N, V) tensor to be overwritten, got {shape}")
+    if in_place:
+        v.check_tensor("logits", logits, op=op)
+        if not (logits.dim() == 2 and logits.is_contiguous()):
+            v._fail(op, f"logits must be a contiguous (N, V) tensor to be overwritten, got shape "
+                        f"{tuple(logits.shape)} and strides {logits.stride()}")
+        v.check_writable("logits", logits, op=op)
     original = logits
     logits, tokens, temperature = _check_logits_tokens(op, logits, tokens, temperature)
     assert not in_place or logits is original  # contiguous logits are not copied
@@ -275,14 +279,11 @@ def logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens,
     per_row = {}
     for name, t in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy), ("lse", lse),
                     ("entropy", entropy)):
-        if not isinstance(t, torch.Tensor):
-            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        v.check_tensor(name, t, device=logits.device, device_name="logits is", op=op)
         if t.dim() != 1 or t.shape[0] != rows:
-            _fail(op, f"{name} must be (N,) = ({rows},), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            _fail(op, f"{name} must be floating point, got {t.dtype}")
-        if t.device != logits.device:
-            _fail(op, f"{name} is on {t.device} but logits is on {logits.device}")
+            v._fail(op, f"{name} must be (N,) = ({rows},), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():  # bool, integer and complex would be cast silently
+            v._fail(op, f"{name} must be floating point (real), got {t.dtype}")
         per_row[name] = t.to(acc).contiguous()
     grad_logits = logits if in_place else torch.empty((rows, vocab), dtype=logits.dtype,
                                                       device=logits.device)
@@ -295,7 +296,7 @@ def logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens,
         _logprob_entropy_bwd_kernel[grid](
             per_row["grad_logprobs"], per_row["grad_entropy"], logits, tokens, per_row["lse"],
             per_row["entropy"], grad_logits, rows, vocab, logits.stride(0), grad_logits.stride(0),
-            hi, lo, ACC=acc_tl, BLOCK_V=block, num_warps=num_warps)
+            hi, lo, ACC=acc_tl, BLOCK_V=block, num_warps=num_warps, **KERNEL_OPTIONS)
     return grad_logits
 
 
