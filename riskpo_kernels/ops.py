@@ -64,6 +64,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_fake_devices(op: str, primary_name: str, primary: torch.Tensor, **others) -> None:
+    """Every tensor argument on the primary's device. A fake is also the op's
+    Meta kernel, which the dispatcher picks when any argument is a meta tensor:
+    without this check a CPU call with one meta argument returned the fake's
+    uninitialised CPU memory as its result."""
+    for name, tensor in others.items():
+        if tensor is not None:
+            torch._check(tensor.device == primary.device,
+                         lambda: f"{op}: {name} is on {tensor.device} but {primary_name} is on "
+                                 f"{primary.device}")
+
+
 def _check_fake_rewards(op: str, rewards: torch.Tensor, group_size: int) -> None:
     torch._check(rewards.dim() == 1, lambda: f"{op}: rewards must be 1-D, got {tuple(rewards.shape)}")
     torch._check(group_size >= 1, lambda: f"{op}: group_size must be >= 1, got {group_size}")
@@ -74,8 +86,11 @@ def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, 
                           quantile_mode, q_lo_track, q_hi_track, credit, normalize_std,
                           natural_baseline, base_mid, base_low, eps):
     _check_fake_rewards("mvar_advantages", rewards, group_size)
+    _check_fake_devices("mvar_advantages", "rewards", rewards, q_lo_track=q_lo_track,
+                        q_hi_track=q_hi_track, base_mid=base_mid, base_low=base_low)
+    torch._check(bundle_size >= 1, lambda: f"mvar_advantages: bundle_size must be >= 1, got {bundle_size}")
     num_prompts = rewards.shape[0] // group_size
-    num_bundles = (num_prompts + bundle_size - 1) // bundle_size
+    num_bundles = -(-num_prompts // bundle_size)
     acc = accumulation_dtype(rewards.dtype)
     return (
         rewards.new_empty(rewards.shape),
@@ -94,6 +109,7 @@ def _grpo_advantages_fake(rewards, group_size, normalize_std, eps):
 @torch.library.register_fake("riskpo::token_logprob_entropy")
 def _token_logprob_entropy_fake(logits, tokens, temperature):
     torch._check(logits.dim() == 2, lambda: f"logits must be (N, V), got {tuple(logits.shape)}")
+    _check_fake_devices("token_logprob_entropy", "logits", logits, tokens=tokens)
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
     return (logits.new_empty((rows,), dtype=acc), logits.new_empty((rows,), dtype=acc),
@@ -103,12 +119,18 @@ def _token_logprob_entropy_fake(logits, tokens, temperature):
 @torch.library.register_fake("riskpo::token_logprob_entropy_backward")
 def _token_logprob_entropy_backward_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
                                          temperature):
+    _check_fake_devices("token_logprob_entropy_backward", "logits", logits,
+                        grad_logprobs=grad_logprobs, grad_entropy=grad_entropy, tokens=tokens,
+                        lse=lse, entropy=entropy)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("riskpo::token_logprob_entropy_backward_")
 def _token_logprob_entropy_backward_inplace_fake(grad_logprobs, grad_entropy, logits, tokens,
                                                  lse, entropy, temperature):
+    _check_fake_devices("token_logprob_entropy_backward_", "logits", logits,
+                        grad_logprobs=grad_logprobs, grad_entropy=grad_entropy, tokens=tokens,
+                        lse=lse, entropy=entropy)
     return None
 
 
@@ -131,6 +153,9 @@ _LIBRARY.impl("fused_linear_policy_loss", _fused_linear_policy_loss_impl, "Compo
 def _fused_linear_policy_loss_fake(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
                                    ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
                                    entropy_coef, temperature, chunk_size, vocab_impl):
+    _check_fake_devices("fused_linear_policy_loss", "hidden", hidden, weight=weight, bias=bias,
+                        tokens=tokens, weights=weights, advantages=advantages,
+                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     acc = accumulation_dtype(hidden.dtype)
     rows = hidden.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((rows,), dtype=acc),

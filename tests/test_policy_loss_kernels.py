@@ -196,7 +196,7 @@ GOOD = dict(logits=torch.randn(2, 3, 5), tokens=torch.zeros(2, 3, dtype=torch.lo
     (dict(ref_logprobs=torch.zeros(2, 3, dtype=torch.int32)), "ref_logprobs must be float32"),
     (dict(agg="seq-sum"), "agg must be one of"),
     (dict(impl="triton-ish"), "impl must be one of"),
-    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=0.0), "temperature must be finite and > 0"),
     (dict(clip_ratio_c=1.0), "clip_ratio_c must be > 1"),
     (dict(clip_low=-0.1), "clip_low must be >= 0"),
     (dict(kl_coef=float("nan")), "kl_coef must be finite"),

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/Device.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -68,6 +70,44 @@ inline FloatType float_type_of(const char* op, const char* name, const at::Tenso
 // Math runs in float64 for float64 inputs and in float32 otherwise.
 inline at::ScalarType accumulation_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace riskpo
+
+namespace riskpo {
+
+// The tensor's storage is allocated and holds all its elements: FSDP frees a
+// resharded parameter's storage (untyped_storage().resize_(0)), and a kernel
+// reading such a tensor would segfault. torch's own ops refuse it too.
+inline void check_storage(const char* op, const char* name, const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  RISKPO_CHECK(t.has_storage() && !t.is_meta(), op, ": ", name,
+               " has no data (a meta tensor or a tensor without storage)");
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const int64_t needed = (last + 1) * static_cast<int64_t>(t.element_size());
+  const int64_t held = static_cast<int64_t>(t.storage().nbytes());
+  RISKPO_CHECK(held >= needed && t.storage().data() != nullptr, op, ": ", name,
+               " has no allocated storage for its ", t.sizes(), " elements (its storage holds ",
+               held, " bytes, ", needed, " needed; was it freed, e.g. a resharded FSDP parameter?)");
+}
+
+// What torch asks of a tensor before an in-place write: not part of an autograd
+// graph while grad mode is on, and not an inference tensor outside inference mode.
+inline void check_writable(const char* op, const char* name, const at::Tensor& t) {
+  RISKPO_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), op, ": ", name,
+               " requires grad, and writing into it in place would corrupt its autograd graph; "
+               "pass a tensor that does not require grad (or run under torch.no_grad())");
+  RISKPO_CHECK(!(t.is_inference() && !c10::InferenceMode::is_enabled()), op, ": ", name,
+               " is an inference tensor, which cannot be written in place outside "
+               "torch.inference_mode()");
+}
+
+// A floating-point (real) per-row input such as an upstream gradient: integer,
+// bool or complex values would be cast silently.
+inline void check_real_floating(const char* op, const char* name, const at::Tensor& t) {
+  RISKPO_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+               " must be floating point (real), got ", t.scalar_type());
 }
 
 }  // namespace riskpo

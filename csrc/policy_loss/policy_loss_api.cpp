@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 #include "../common/check.h"
 #include "policy_loss.h"
@@ -29,6 +30,8 @@ Tensor checked_logits(const char* op, const Tensor& logits, const Tensor& tokens
                " but logits is on ", logits.device());
   RISKPO_CHECK(std::isfinite(temperature) && temperature > 0, op,
                ": temperature must be finite and > 0, got ", temperature);
+  check_storage(op, "logits", logits);
+  check_storage(op, "tokens", tokens);
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 
@@ -85,9 +88,16 @@ void logprob_entropy_backward_into(const char* op, const Tensor& grad_logprobs,
                                    Tensor& grad_logits) {
   const auto& [logits, tokens, rows, vocab, type] = checked;
   const at::ScalarType acc = accumulation_type(logits);
-  for (const Tensor* t : {&grad_logprobs, &grad_entropy, &lse, &entropy}) {
-    RISKPO_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": per-row inputs must be (", rows,
+  const std::pair<const char*, const Tensor*> per_row[] = {
+      {"grad_logprobs", &grad_logprobs}, {"grad_entropy", &grad_entropy}, {"lse", &lse},
+      {"entropy", &entropy}};
+  for (const auto& [name, t] : per_row) {
+    RISKPO_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": ", name, " must be (N,) = (", rows,
                  ",), got shape ", t->sizes());
+    check_real_floating(op, name, *t);
+    RISKPO_CHECK(t->device() == logits.device(), op, ": ", name, " is on ", t->device(),
+                 " but logits is on ", logits.device());
+    check_storage(op, name, *t);
   }
   const Tensor g_logprobs = grad_logprobs.to(acc).contiguous(), g_entropy = grad_entropy.to(acc).contiguous();
   const Tensor row_lse = lse.to(acc).contiguous(), row_entropy = entropy.to(acc).contiguous();
@@ -127,6 +137,7 @@ void logprob_entropy_backward_inplace_cpu_op(const Tensor& grad_logprobs,
   RISKPO_CHECK(logits.dim() == 2 && logits.is_contiguous(), op,
                ": logits must be a contiguous (N, V) tensor to be overwritten, got shape ",
                logits.sizes(), " and strides ", logits.strides());
+  check_writable(op, "logits", logits);
   const Rows checked = checked_rows(op, logits, tokens, temperature);
   logprob_entropy_backward_into(op, grad_logprobs, grad_entropy, checked, lse, entropy,
                                 temperature, logits);

@@ -166,7 +166,9 @@ void forward_rows(const T* logits, int64_t vocab, int64_t row_stride, const int6
     const double target = static_cast<double>(static_cast<acc>(x[tokens[r]]) * inv_temperature);
     const double nan = std::numeric_limits<double>::quiet_NaN();
     lse[r] = static_cast<acc>(finite ? row_lse : nan);
-    logprobs[r] = static_cast<acc>(finite ? target - row_lse : nan);
+    // (z_y - max) - log s, not z_y - lse: at logits of 1e15 a float32 lse has
+    // lost log s (V = 7 gave 0 instead of -log 7), while z_y - max is exact.
+    logprobs[r] = static_cast<acc>(finite ? (target - stats.max) - log_s : nan);
     entropy[r] = static_cast<acc>(finite ? log_s - stats.t / stats.s : nan);
   }
 }

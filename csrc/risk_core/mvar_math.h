@@ -41,6 +41,11 @@ struct Params {
   bool natural_baseline;
 };
 
+// ceil(P / Q) without the overflow of (P + Q - 1) / Q.
+RISKPO_HD int64_t num_bundles(int64_t num_prompts, int64_t bundle_size) {
+  return num_prompts / bundle_size + (num_prompts % bundle_size != 0);
+}
+
 template <typename acc>
 RISKPO_HD acc positive_part(acc x) {
   return x > acc(0) ? x : acc(0);
@@ -152,14 +157,18 @@ RISKPO_HD acc response_advantage(acc A, acc reward, acc prompt_sd, double centre
 }
 
 // GRPO group advantage (spec section 7). A group of one has mean 0 and std 1.
+// In double whatever the storage: the std of float32 rewards near the float32
+// limit overflows float32 (and the advantage became r / inf = 0), while the
+// advantage itself is of order 1.
 template <typename acc>
-RISKPO_HD acc grpo_advantage(acc reward, acc mean, acc sd, int64_t n, bool normalize_std, acc eps) {
+RISKPO_HD acc grpo_advantage(acc reward, double mean, double sd, int64_t n, bool normalize_std,
+                             double eps) {
   if (n < 2) {
-    mean = acc(0);
-    sd = acc(1);
+    mean = 0;
+    sd = 1;
   }
-  const acc centred = reward - mean;
-  return normalize_std ? centred / (sd + eps) : centred;
+  const double centred = static_cast<double>(reward) - mean;
+  return static_cast<acc>(normalize_std ? centred / (sd + eps) : centred);
 }
 
 }  // namespace mvar

@@ -7,6 +7,7 @@
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -29,6 +30,7 @@ using at::Tensor;
 void check_rewards(const char* op, const Tensor& rewards, int64_t group_size) {
   RISKPO_CHECK(rewards.dim() == 1, op, ": rewards must be 1-D (P * n,), got shape ", rewards.sizes());
   float_type_of(op, "rewards", rewards);
+  check_storage(op, "rewards", rewards);
   RISKPO_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
   RISKPO_CHECK(rewards.numel() % group_size == 0, op, ": rewards length ", rewards.numel(),
                " is not a multiple of group_size ", group_size);
@@ -61,6 +63,7 @@ std::optional<Tensor> scalar_argument(const char* name, const std::optional<Tens
                " must be floating point, got ", t.scalar_type());
   RISKPO_CHECK(t.device() == rewards.device(), "mvar_advantages: ", name, " is on ", t.device(),
                " but rewards is on ", rewards.device());
+  check_storage("mvar_advantages", name, t);
   return t.reshape({}).to(dtype).contiguous();
 }
 
@@ -98,7 +101,11 @@ MVaRCall prepare_mvar(const Tensor& rewards_in, int64_t group_size, int64_t bund
   call.rewards = rewards_in.contiguous();
   const int64_t n = group_size;
   call.num_prompts = call.rewards.numel() / n;
-  call.params = mvar::Params<double>{n, bundle_size, alpha, beta, w_low, w_high, eps,
+  // A bundle larger than the batch is the whole batch. Clamped here, so that
+  // neither the bundle count (no (P + Q - 1) / Q overflow) nor scratch and
+  // shared memory are sized by a bundle_size in the billions.
+  const int64_t effective_bundle = std::min(bundle_size, std::max<int64_t>(call.num_prompts, 1));
+  call.params = mvar::Params<double>{n, effective_bundle, alpha, beta, w_low, w_high, eps,
                                      parse_credit(credit), parse_quantile_mode(quantile_mode),
                                      normalize_std, natural_baseline};
   const at::ScalarType acc_type = accumulation_type(call.rewards);
@@ -107,7 +114,7 @@ MVaRCall prepare_mvar(const Tensor& rewards_in, int64_t group_size, int64_t bund
   call.base_mid = scalar_argument("base_mid", base_mid, call.rewards, acc_type);
   call.base_low = scalar_argument("base_low", base_low, call.rewards, acc_type);
 
-  const int64_t num_bundles = (call.num_prompts + bundle_size - 1) / bundle_size;
+  const int64_t num_bundles = mvar::num_bundles(call.num_prompts, effective_bundle);
   const auto acc_options = call.rewards.options().dtype(acc_type);
   call.advantages = at::empty({call.rewards.numel()}, call.rewards.options());
   call.bundle_scores = at::empty({num_bundles, n}, acc_options);

@@ -99,7 +99,7 @@ template <typename acc>
 void mvar_advantages_cpu(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out) {
-  const int64_t num_bundles = (num_prompts + params.bundle_size - 1) / params.bundle_size;
+  const int64_t num_bundles = mvar::num_bundles(num_prompts, params.bundle_size);
   const int64_t grain = grain_for(params.bundle_size * params.group_size);
   with_float_type(storage, [&](auto tag) {
     using T = decltype(tag);
@@ -137,8 +137,8 @@ void grpo_advantages_cpu(const void* rewards, FloatType storage, int64_t num_gro
           continue;
         }
         for (int64_t j = 0; j < n; ++j) {
-          adv[j] = static_cast<T>(mvar::grpo_advantage<acc>(static_cast<acc>(r[j]), acc(mean), acc(sd),
-                                                            n, normalize_std, static_cast<acc>(eps)));
+          adv[j] = static_cast<T>(mvar::grpo_advantage<acc>(static_cast<acc>(r[j]), mean, sd, n,
+                                                            normalize_std, eps));
         }
       }
     });

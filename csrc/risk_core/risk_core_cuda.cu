@@ -50,7 +50,7 @@ __global__ void mvar_advantages_kernel(const T* __restrict__ rewards,  // (P, n)
                                        acc* __restrict__ q_lo_out,       // (num_bundles,)
                                        acc* __restrict__ q_hi_out) {     // (num_bundles,)
   const int64_t n = p.group_size, Q = p.bundle_size;
-  const int64_t num_bundles = (num_prompts + Q - 1) / Q;
+  const int64_t num_bundles = mvar::num_bundles(num_prompts, Q);
   // Per-prompt statistics stay in double (see mean_and_std); doubles come first
   // so that every array is aligned.
   extern __shared__ double shared_words[];
@@ -149,22 +149,25 @@ __global__ void grpo_advantages_kernel(const T* __restrict__ rewards,  // (G, n)
   for (int64_t g = first; g < num_groups; g += gridDim.x * warps_per_block) {
     const T* r = rewards + g * n;
     T* adv = advantages + g * n;
-    acc sum = 0;
-    for (int64_t j = lane; j < n; j += 32) sum += to_acc(r[j]);
+    // Sums in double, as the CPU kernel: the std of float32 rewards near the
+    // float32 limit overflows float32 (mvar_math.h, grpo_advantage).
+    double sum = 0;
+    for (int64_t j = lane; j < n; j += 32) sum += static_cast<double>(to_acc(r[j]));
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    const acc mean = sum / acc(n);
-    acc squares = 0;
+    const double mean = sum / static_cast<double>(n);
+    double squares = 0;
     for (int64_t j = lane; j < n; j += 32) {
-      const acc d = to_acc(r[j]) - mean;
+      const double d = static_cast<double>(to_acc(r[j])) - mean;
       squares += d * d;
     }
     for (int offset = 16; offset > 0; offset /= 2) {
       squares += __shfl_xor_sync(0xffffffffu, squares, offset);
     }
-    const acc sd = n > 1 ? sqrt(squares / acc(n - 1)) : acc(0);
+    const double sd = n > 1 ? sqrt(squares / static_cast<double>(n - 1)) : 0.0;
     const bool finite = isfinite(mean) && isfinite(sd);
     for (int64_t j = lane; j < n; j += 32) {
-      const acc value = finite ? mvar::grpo_advantage<acc>(to_acc(r[j]), mean, sd, n, normalize_std, eps)
+      const acc value = finite ? mvar::grpo_advantage<acc>(to_acc(r[j]), mean, sd, n, normalize_std,
+                                                           static_cast<double>(eps))
                                : quiet_nan<acc>();
       adv[j] = from_acc<T>(value);
     }
@@ -208,7 +211,7 @@ template <typename acc>
 int mvar_advantages_cuda(const void* rewards, FloatType storage, int64_t num_prompts,
                          const mvar::Params<acc>& params, const MVaRScalars<acc>& scalars,
                          const MVaROutputs<acc>& out, void* stream) {
-  const int64_t num_bundles = (num_prompts + params.bundle_size - 1) / params.bundle_size;
+  const int64_t num_bundles = mvar::num_bundles(num_prompts, params.bundle_size);
   if (num_bundles == 0) return static_cast<int>(cudaSuccess);
   const int64_t work = params.bundle_size * params.group_size;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxBlockThreads, (work + 31) / 32 * 32));

@@ -8,7 +8,7 @@ import torch
 
 from .. import _extension
 from .. import _validation as v
-from .fused_linear import VOCAB_OPS, default_chunk_size
+from .fused_linear import VOCAB_OPS, check_linear, default_chunk_size
 from .reference import (
     AGGREGATIONS,
     aggregation_weights,
@@ -32,8 +32,7 @@ class PolicyLossOutput:
 
 
 def _check_token_tensor(name, t, shape, device):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    v.check_tensor(name, t)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != device:
@@ -78,18 +77,8 @@ def _checked_tokens(tokens, B, T, V, device):
     tokens = tokens.long()
     # Out-of-range ids would index outside a row. Checking costs a sync on GPU,
     # so there the kernels' callers must pass valid ids (the C++ op checks too).
-    if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= V:
-            raise ValueError(f"tokens must lie in [0, {V}), got values in [{low}, {high}]")
+    v.check_token_range(tokens, V)
     return tokens
-
-
-def _checked_temperature(temperature) -> float:
-    temperature = v.check_float("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return temperature
 
 
 @dataclass(frozen=True)
@@ -120,16 +109,8 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
         if t is not None:
             _check_token_tensor(name, t, (B, T), device)
             v.check_float_tensor(name, t)
-    clip_low = v.check_float("clip_low", clip_low, minimum=0.0)
-    clip_high = v.check_float("clip_high", clip_high, minimum=0.0)
-    if clip_low >= 1:
-        raise ValueError(f"clip_low must be < 1, got {clip_low}")
-    clip_ratio_c = v.check_float("clip_ratio_c", clip_ratio_c)
-    if clip_ratio_c <= 1:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
-    kl_coef = v.check_float("kl_coef", kl_coef, minimum=0.0)
-    entropy_coef = v.check_float("entropy_coef", entropy_coef)
-    temperature = _checked_temperature(temperature)
+    clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature = v.check_loss_scalars(
+        clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
     v.check_choice("agg", agg, AGGREGATIONS)
     return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
 
@@ -154,7 +135,7 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
     (``impl="triton"`` on CUDA, ``"cpp"`` on CPU; ``"auto"`` picks by device);
     nothing of size B*T*V is saved for backward.
     """
-    v.check_float_tensor("logits", logits)
+    v.check_tensor("logits", logits, dtypes="float")
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
@@ -181,22 +162,8 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
 
 def _check_linear(hidden, weight, bias) -> tuple[int, int, int, int]:
     """(B, T, H, V) of ``hidden @ weight.T + bias``, every argument checked."""
-    v.check_float_tensor("hidden", hidden)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
-    B, T, H = hidden.shape
-    v.check_float_tensor("weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
-        raise ValueError(f"weight must be (V, H) with H = {H} and V >= 1, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must match hidden "
-                         f"({hidden.dtype}, {hidden.device})")
-    V = weight.shape[0]
-    if bias is not None:
-        v.check_float_tensor("bias", bias)
-        if tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise ValueError(f"bias must be ({V},) {hidden.dtype} on {hidden.device}, got "
-                             f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    H, V = check_linear(hidden, weight, bias)
+    B, T, _ = hidden.shape
     return B, T, H, V
 
 
@@ -264,7 +231,7 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
     """
     B, T, H, V = _check_linear(hidden, weight, bias)
     tokens = _checked_tokens(tokens, B, T, V, hidden.device)
-    temperature = _checked_temperature(temperature)
+    temperature = v.check_temperature(temperature)
     N = B * T
     chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
                   else v.check_int("chunk_size", chunk_size, 1))

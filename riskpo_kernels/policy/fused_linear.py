@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validation as v
 from .token_loss import token_loss_and_grads
 
 # Per-row vocabulary ops of each backend: forward (logprobs, entropy, lse) and backward.
@@ -43,6 +44,55 @@ def default_chunk_size(num_rows: int, vocab: int, device: torch.device) -> int:
     return int(min(max(num_rows, 1), rows))
 
 
+def check_linear(hidden, weight, bias, hidden_dims=(3,), op=None) -> tuple[int, int]:
+    """(H, V) of ``hidden @ weight.T + bias``, each argument checked: float
+    tensors, weight (V, H) with V >= 1, bias (V,), one dtype and device."""
+    v.check_tensor("hidden", hidden, dtypes="float", op=op)
+    if hidden.dim() not in hidden_dims:
+        shape = "(B, T, H)" if hidden_dims == (3,) else "(N, H)"
+        v._fail(op, f"hidden must be {shape}, got shape {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    v.check_tensor("weight", weight, dtypes="float", op=op)
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
+        v._fail(op, f"weight must be (V, H) with H = {H} and V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        v._fail(op, f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                    f"({hidden.dtype}, {hidden.device})")
+    V = weight.shape[0]
+    if bias is not None:
+        v.check_tensor("bias", bias, dtypes="float", op=op)
+        if tuple(bias.shape) != (V,) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            v._fail(op, f"bias must be ({V},) {hidden.dtype} on {hidden.device}, got "
+                        f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    return H, V
+
+
+def _check_op_args(hidden, weight, bias, tokens, weights, advantages, old_logprobs, ref_logprobs,
+                   clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
+                   chunk_size, vocab_impl):
+    """The raw op's contract, checked for trainers that call
+    torch.ops.riskpo.fused_linear_policy_loss directly (the public function
+    has checked its own arguments, which become these)."""
+    op = "fused_linear_policy_loss"
+    _, V = check_linear(hidden, weight, bias, hidden_dims=(2,), op=op)
+    N, device = hidden.shape[0], hidden.device
+    per_token = {"tokens": (tokens, (torch.int64,)), "weights": (weights, "float"),
+                 "advantages": (advantages, "float"), "old_logprobs": (old_logprobs, "float"),
+                 "ref_logprobs": (ref_logprobs, "float")}
+    for name, (tensor, dtypes) in per_token.items():
+        if tensor is None and name in ("old_logprobs", "ref_logprobs"):
+            continue
+        v.check_tensor(name, tensor, dtypes=dtypes, device=device, device_name="hidden is", op=op)
+        if tuple(tensor.shape) != (N,):
+            v._fail(op, f"{name} must be (N,) = ({N},), got shape {tuple(tensor.shape)}")
+    v.check_token_range(tokens, V, op=op)
+    scalars = v.check_loss_scalars(clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef,
+                                   temperature, op=op)
+    v.check_int("chunk_size", chunk_size, 1, op=op)
+    v.check_choice("vocab_impl", vocab_impl, tuple(VOCAB_OPS), op=op)
+    return scalars
+
+
 def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, advantages,
                                      old_logprobs, ref_logprobs, clip_low, clip_high,
                                      clip_ratio_c, kl_coef, entropy_coef, temperature,
@@ -50,6 +100,9 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
     """hidden: (N, H), weight: (V, H), bias: (V,) or None, tokens/weights/advantages/
     old/ref: (N,). Returns loss (), logprobs (N,), entropy (N,), grad_hidden (N, H),
     grad_weight (V, H), grad_bias (V,) (empty without bias): the gradients of loss."""
+    _check_op_args(hidden, weight, bias, tokens, weights, advantages, old_logprobs, ref_logprobs,
+                   clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
+                   chunk_size, vocab_impl)
     forward_name, _, backward_in_place_name = VOCAB_OPS[vocab_impl]
     vocab_forward = getattr(torch.ops.riskpo, forward_name)
     vocab_backward_in_place = getattr(torch.ops.riskpo, backward_in_place_name)

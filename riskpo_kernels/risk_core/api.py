@@ -31,11 +31,11 @@ class MVaRResult:
 
 
 def _flat_rewards(rewards, group_size):
-    v.check_float_tensor("rewards", rewards)
+    v.check_tensor("rewards", rewards, dtypes="float")
     if rewards.dim() == 2:
         if group_size is None:
             group_size = rewards.shape[1]
-        elif group_size != rewards.shape[1]:
+        elif v.check_int("group_size", group_size, 1) != rewards.shape[1]:
             raise ValueError(f"group_size={group_size} does not match rewards of shape "
                              f"{tuple(rewards.shape)} (P, n)")
     elif rewards.dim() != 1:
@@ -59,6 +59,7 @@ def _scalar_tensor(name, value, like, dtype):
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
+        v.check_tensor(name, value)
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element tensor, got shape "
                              f"{tuple(value.shape)}")
@@ -105,7 +106,9 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     quantiles NaN.
     """
     flat, n = _flat_rewards(rewards, group_size)
-    bundle_size = v.check_int("bundle_size", bundle_size, 1)
+    # A bundle larger than the batch is the whole batch: clamped, so that no
+    # implementation sizes anything by a bundle_size in the billions.
+    bundle_size = min(v.check_int("bundle_size", bundle_size, 1), max(flat.numel() // n, 1))
     alpha, beta = v.check_float("alpha", alpha), v.check_float("beta", beta)
     if not 0 < alpha < beta < 1:
         raise ValueError(f"need 0 < alpha < beta < 1, got alpha={alpha}, beta={beta}")
@@ -114,6 +117,8 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     eps = v.check_float("eps", eps, minimum=0.0)
     v.check_choice("credit", credit, CREDITS)
     v.check_choice("quantile_mode", quantile_mode, QUANTILE_MODES)
+    normalize_std = v.check_bool("normalize_std", normalize_std)
+    natural_baseline = v.check_bool("natural_baseline", natural_baseline)
     if (q_lo is None) != (q_hi is None):
         raise ValueError("q_lo and q_hi must be given together (or both None for batch quantiles)")
     impl = v.resolve_impl(impl, flat.device)
@@ -130,9 +135,17 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
         _scalar_tensor("base_low", base_low, flat, acc)
 
     fn = mvar_advantages_reference if impl == "reference" else torch.ops.riskpo.mvar_advantages
-    out = fn(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t, q_hi_t,
-             credit, bool(normalize_std), bool(natural_baseline), base_mid_t, base_low_t, eps)
-    return MVaRResult(*out)
+    out = MVaRResult(*fn(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t,
+                         q_hi_t, credit, normalize_std, natural_baseline, base_mid_t, base_low_t,
+                         eps))
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling() and out.q_lo.numel() \
+            and bool(torch.isnan(out.q_lo).any()):
+        # The rewards are finite (checked), so a bundle's score overflowed the
+        # accumulation dtype: a NaN bundle would be a silent wrong answer here.
+        bad = torch.isnan(out.q_lo).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"rewards: the bundle scores (sums of {bundle_size} prompts' rewards) of "
+                         f"bundles {bad} overflow {out.bundle_scores.dtype}; pass float64 rewards")
+    return out
 
 
 def grpo_advantages(rewards, group_size=None, normalize_std=True, eps=1e-6, impl="auto"):
@@ -148,6 +161,7 @@ def grpo_advantages(rewards, group_size=None, normalize_std=True, eps=1e-6, impl
     """
     flat, n = _flat_rewards(rewards, group_size)
     eps = v.check_float("eps", eps, minimum=0.0)
+    normalize_std = v.check_bool("normalize_std", normalize_std)
     impl = v.resolve_impl(impl, flat.device)
     fn = grpo_advantages_reference if impl == "reference" else torch.ops.riskpo.grpo_advantages
-    return fn(flat, n, bool(normalize_std), eps)
+    return fn(flat, n, normalize_std, eps)

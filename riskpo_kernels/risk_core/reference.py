@@ -32,10 +32,11 @@ def mvar_advantages_reference(rewards, group_size, bundle_size, alpha, beta, w_l
     B = ceil(P / bundle_size); the last bundle may hold fewer prompts. A bundle
     whose scores are not all finite gets NaN advantages and quantiles.
     """
-    n, Q = group_size, bundle_size
+    n = group_size
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc).view(-1, n)                                          # (P, n)
     P = r.shape[0]
+    Q = min(bundle_size, max(P, 1))  # a bundle larger than the batch is the batch
     B = -(-P // Q)
     padded = F.pad(r, (0, 0, 0, B * Q - P)).view(B, Q, n)                    # zero prompts pad
     prompts = (torch.arange(B * Q, device=r.device) < P).view(B, Q).sum(1)   # (B,) Qb
@@ -100,10 +101,12 @@ def grpo_advantages_reference(rewards, group_size, normalize_std, eps):
     """rewards: (P * n,) -> (P * n,): (r - mean) / (std + eps) per group of n.
 
     A group of one has mean 0 and std 1; a group with a non-finite reward gets NaN.
+    Mean, std and the quotient are float64 whatever the rewards' dtype: the
+    std of float32 rewards near the float32 limit overflows float32, while the
+    advantages themselves are of order 1.
     """
     n = group_size
-    acc = accumulation_dtype(rewards.dtype)
-    r = rewards.to(acc).view(-1, n)                                          # (P, n)
+    r = rewards.to(torch.float64).view(-1, n)                                # (P, n)
     mean = r.mean(1, keepdim=True)
     sd = r.std(1, keepdim=True) if n > 1 and r.numel() else torch.zeros_like(mean)
     finite = torch.isfinite(mean) & torch.isfinite(sd)
