@@ -4,6 +4,7 @@ policy loss), with no host synchronisation in between."""
 from __future__ import annotations
 
 from .policy import PolicyLossOutput, fused_linear_policy_loss
+from .policy.fused_linear import check_linear
 from .risk_core import MVaRResult, QuantileTracker, mvar_advantages
 
 
@@ -14,6 +15,8 @@ def tracked_inputs(tracker: QuantileTracker | None, alpha, beta, quantile_mode, 
     (spec section 6). Before the tracker's first update: batch quantiles and
     zero baselines."""
     inputs = {"q_lo": None, "q_hi": None, "base_mid": 0.0, "base_low": 0.0}
+    if tracker is not None and not isinstance(tracker, QuantileTracker):
+        raise ValueError(f"tracker must be a QuantileTracker or None, got {type(tracker).__name__}")
     if tracker is None:
         if mean_baseline:
             raise ValueError("mean_baseline needs a tracker (its baselines are the tracked ones)")
@@ -48,6 +51,7 @@ def riskpo_policy_loss(hidden, weight, tokens, mask, rewards, *, group_size, bun
 
     Returns (loss output, MVaRResult).
     """
+    check_linear(hidden, weight, bias)  # before the advantages, which read hidden's batch size
     risk = mvar_advantages(rewards, group_size=group_size, bundle_size=bundle_size, alpha=alpha,
                            beta=beta, w_low=w_low, w_high=w_high, quantile_mode=quantile_mode,
                            credit=credit, normalize_std=normalize_std,

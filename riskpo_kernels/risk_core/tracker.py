@@ -52,7 +52,7 @@ class QuantileTracker:
 
     def update(self, scores: torch.Tensor) -> None:
         """scores: any shape, e.g. ``MVaRResult.bundle_scores`` (num_bundles, n)."""
-        v.check_float_tensor("scores", scores)
+        v.check_tensor("scores", scores, dtypes="float")
         s = scores.detach().reshape(-1)
         v.check_all_finite("scores", s)
         dtype = self.values.dtype if self.values is not None else (
@@ -111,14 +111,31 @@ class QuantileTracker:
                 "values": None if self.values is None else self.values.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a :meth:`state_dict`. Every entry is checked before any is
+        assigned, so a rejected state leaves the tracker as it was."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
         missing = {"lr", "levels", "steps", "values"} - set(state)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}")
-        levels = torch.as_tensor(state["levels"], dtype=torch.float64).cpu()
-        values = state["values"]
-        if values is not None and (not isinstance(values, torch.Tensor) or values.shape != levels.shape):
-            raise ValueError("state_dict['values'] must be None or a tensor shaped like its levels")
+        try:
+            levels = torch.as_tensor(state["levels"], dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"state_dict['levels'] must be a 1-D grid of levels: {error}") from None
         restored = QuantileTracker(state["lr"], levels)  # validates lr and levels
+        steps = v.check_int("state_dict['steps']", state["steps"], 0)
+        values = state["values"]
+        if values is not None:
+            v.check_tensor("state_dict['values']", values, dtypes="float")
+            if values.shape != levels.shape:
+                raise ValueError(f"state_dict['values'] must be shaped like its levels "
+                                 f"{tuple(levels.shape)}, got {tuple(values.shape)}")
+            if values.device.type == "cpu" and not bool(torch.isfinite(values).all()):
+                raise ValueError("state_dict['values'] contains NaN or Inf")
+        if (values is None) != (steps == 0):
+            raise ValueError(f"state_dict holds steps={steps} but values "
+                             f"{'None' if values is None else 'set'}: a tracker has values "
+                             "exactly after its first update")
         self.lr, self.levels, self._device_levels = restored.lr, restored.levels, {}
         self.values = None if values is None else values.detach().clone()
-        self.steps = int(state["steps"])
+        self.steps = steps
