@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import riskpo_kernels as rk  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from riskpo_kernels.risk_core import grpo_advantages_reference  # noqa: E402
 from riskpo_kernels.risk_core.loop_estimator import mvar_advantages_loop_flat  # noqa: E402
 
@@ -254,17 +255,6 @@ def device_name(device: str) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return f"{model or platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores)"
-
-
-def git_commit() -> str:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("+dirty" if git("status", "--porcelain") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def fmt_speedup(x: float | None) -> str:

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import riskpo_kernels as rk  # noqa: E402
+from provenance import git_commit  # noqa: E402
 from riskpo_kernels.policy import policy_loss_reference  # noqa: E402
 
 CPU_SIZES = [(2048, 256, 32768), (1024, 256, 32000), (4096, 256, 32000), (1024, 256, 151936),
@@ -241,13 +242,6 @@ def device_name(device):
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores)"
-
-
-def git_commit():
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv=None):
