@@ -378,6 +378,7 @@ def test_math_reward_when_math_verify_raises(monkeypatch, completion, answer, ex
     assert math_reward(completion, answer) == expected
 
 
+@needs_math_verify
 def test_math_verify_fallback_is_what_scores_a_fraction_against_a_decimal(monkeypatch):
     # Only math_verify knows \frac{1}{2} == 0.5; the string fallback does not.
     assert math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0
