@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from .task import OPERATORS
 
 ALGOS = ("riskpo", "grpo")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -96,35 +99,61 @@ class TrainConfig:
     progress: bool = _opt(True, "tqdm progress bar")
 
     def validate(self) -> TrainConfig:
-        """Raise ValueError naming the option for every inconsistent setting."""
+        """Raise :class:`OptionError` (a ValueError) naming the option for every
+        wrongly typed, non-finite, out-of-range or inconsistent setting.
+
+        Every option must have its declared type (see :func:`check_type`); an
+        int given for a float option becomes a float and an integral float
+        given for an int option becomes an int, in place, so that config.json
+        and the checkpoint hold one spelling of each value."""
+        for f in fields(self):
+            setattr(self, f.name, check_type(f, getattr(self, f.name)))
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, f.name)!r}")
+                raise OptionError(f.name, f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
+                                          f"got {getattr(self, f.name)!r}")
         positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
                     "bundle_size", "eval_samples", "warmup_batch_size", "tiny_hidden_size",
-                    "tiny_layers", "task_digits", "task_test_size")
+                    "tiny_layers", "task_digits", "task_test_size", "warmup_lr", "temperature",
+                    "tracker_lr")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+            if not getattr(self, name) > 0:
+                raise OptionError(name, f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
         non_negative = ("rl_steps", "warmup_steps", "micro_batch_size", "chunk_size", "save_every",
                         "eval_every", "eval_questions", "kl_coef", "entropy_coef", "weight_decay",
-                        "max_grad_norm", "w_low", "w_high")
+                        "max_grad_norm", "w_low", "w_high", "lr", "clip_low", "clip_high")
         for name in non_negative:
             if getattr(self, name) < 0:
-                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise OptionError(name, f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("seed", "task_seed"):  # torch.manual_seed takes 64-bit seeds
+            if not 0 <= getattr(self, name) < 2 ** 63:
+                raise OptionError(name, f"--{_flag(name)} must be in [0, 2**63), "
+                                        f"got {getattr(self, name)}")
+        if not 1 <= self.task_digits <= 4:
+            raise OptionError("task_digits", f"--task-digits must be in [1, 4], got {self.task_digits}")
+        if set(self.task_operators) - set(OPERATORS):
+            raise OptionError("task_operators", f"--task-operators must be made of "
+                                                f"{''.join(OPERATORS)}, "
+                                                f"got {self.task_operators!r}")
         if not 0 < self.alpha < self.beta < 1:
-            raise ValueError(f"need 0 < --alpha < --beta < 1, got {self.alpha} and {self.beta}")
-        if not 0 < self.temperature:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+            raise OptionError(("alpha", "beta"), f"need 0 < --alpha < --beta < 1, got {self.alpha} "
+                                                 f"and {self.beta}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise OptionError("top_p", f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+            raise OptionError("test_fraction", f"--test-fraction must be in [0, 1), "
+                                               f"got {self.test_fraction}")
+        if not self.clip_low < 1:
+            raise OptionError("clip_low", f"--clip-low must be < 1 (the ratio's lower bound is "
+                                          f"1 - clip_low), got {self.clip_low}")
+        if not self.clip_ratio_c > 1:
+            raise OptionError("clip_ratio_c", f"--clip-ratio-c must be > 1 (dual clip), "
+                                              f"got {self.clip_ratio_c}")
         if self.algo == "riskpo" and self.prompts_per_step % self.bundle_size:
-            raise ValueError(f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of "
-                             f"--bundle-size ({self.bundle_size}): RiskPO scores whole bundles")
+            raise OptionError(("prompts_per_step", "bundle_size"),
+                              f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of "
+                              f"--bundle-size ({self.bundle_size}): RiskPO scores whole bundles")
         return self
 
     def to_json(self) -> str:
@@ -135,12 +164,64 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _field_type(f) -> type:
+class OptionError(ValueError):
+    """A bad option value; ``options`` names the option(s) at fault (field names),
+    so that :func:`parse_config` can say which config file set them."""
+
+    def __init__(self, options: str | tuple[str, ...], message: str):
+        super().__init__(message)
+        self.options = (options,) if isinstance(options, str) else tuple(options)
+
+
+def _field_type(f) -> tuple[type, bool]:
+    """(the option's type, whether it may be None)."""
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if text.startswith(name):
-            return typ
+            return typ, "None" in text
     raise TypeError(f"unsupported option type {text} of {f.name}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def type_problem(f, value):
+    """(value in the option's type, None), or (None, what is wrong) when it has
+    another type. bool is never an int or a float; an int option takes an
+    integral float (100.0 -> 100); a float option takes an int (1 -> 1.0) and
+    must be finite; a string must not be blank; None only where the option is
+    optional (model, data)."""
+    typ, optional = _field_type(f)
+    wanted = _TYPE_NAMES[typ] + (" or null" if optional else "")
+    if value is None:
+        return (None, None) if optional else (None, f"must be {wanted}, got null (None)")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value, None
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value), None
+            return None, f"must be a finite number, got {value}"
+    elif isinstance(value, str):
+        if value.strip():
+            return value, None
+        return None, f"must be a non-empty string, got {value!r}"
+    return None, f"must be {wanted}, got {value!r} ({type(value).__name__})"
+
+
+def check_type(f, value):
+    """``value`` in the type of option ``f``; :class:`OptionError` naming the
+    flag when it has another type (see :func:`type_problem`)."""
+    value, problem = type_problem(f, value)
+    if problem is not None:
+        raise OptionError(f.name, f"--{_flag(f.name)} {problem}")
+    return value
 
 
 def build_parser(prog: str = "riskpo-train") -> argparse.ArgumentParser:
@@ -150,7 +231,7 @@ def build_parser(prog: str = "riskpo-train") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file of options (flags override it)")
     for f in fields(TrainConfig):
-        typ = _field_type(f)
+        typ, _ = _field_type(f)
         kwargs = {"default": argparse.SUPPRESS, "help": f.metadata["help"] + f" (default: {f.default})"}
         if typ is bool:
             parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
@@ -160,34 +241,82 @@ def build_parser(prog: str = "riskpo-train") -> argparse.ArgumentParser:
     return parser
 
 
+def _yaml_error(path: Path, exc) -> ValueError:
+    """A ValueError naming the file, and the line and column where yaml knows them."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    text = ": ".join(p for p in (context, problem) if p) if problem else str(exc)
+    return ValueError(f"config file {str(path)!r}{where}: not valid YAML: {text}")
+
+
 def load_yaml(path) -> dict:
+    """The options of a YAML file: {field name: value}, each of its option's type.
+
+    Keys may be spelled with - or _. Raises FileNotFoundError, or ValueError
+    naming the file (and the line where known) for malformed YAML, a top level
+    that is not a mapping, an unknown or repeated option, or a value of the
+    wrong type. Ranges are checked by :meth:`TrainConfig.validate`."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r}: not UTF-8 text: {exc}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes: where each key is
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    if data is None:  # an empty file, or only comments
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, "
+                         f"got {type(data).__name__}")
+    lines: dict[str, int] = {}
+    for key_node, _ in getattr(root, "value", ()):
+        if isinstance(key_node, yaml.ScalarNode):
+            name, line = key_node.value.replace("-", "_"), key_node.start_mark.line + 1
+            if name in lines:
+                raise ValueError(f"config file {str(path)!r}, line {line}: option "
+                                 f"{key_node.value!r} repeats line {lines[name]}")
+            lines[name] = line
     known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        where = f"config file {str(path)!r}" + (f", line {lines[name]}" if name in lines else "")
         if name not in known:
-            raise ValueError(f"config file {str(path)!r}: unknown option {key!r}")
-        typ = _field_type(known[name])
-        if value is not None and typ is float and isinstance(value, (int, str)):
-            value = float(value)  # YAML reads 1e-6 as a string and 1 as an int
-        if value is not None and not isinstance(value, typ):
-            raise ValueError(f"config file {str(path)!r}: {key} must be {typ.__name__}, got {value!r}")
+            raise ValueError(f"{where}: unknown option {key!r}")
+        if _field_type(known[name])[0] is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-6 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass  # type_problem names it
+        value, problem = type_problem(known[name], value)
+        if problem is not None:
+            raise ValueError(f"{where}: {key} {problem}")
         out[name] = value
     return out
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """Defaults, then the YAML file, then the flags; validated."""
+    """Defaults, then the YAML file, then the flags; validated. An invalid value
+    that the YAML file set (and no flag overrode) is reported with the file."""
     args = vars(build_parser().parse_args(argv))
-    values = load_yaml(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    path = args.pop("config", None)
+    values = load_yaml(path) if path else {}
+    from_file = set(values) - set(args)
     values.update(args)
-    return TrainConfig(**values).validate()
+    try:
+        return TrainConfig(**values).validate()
+    except OptionError as exc:
+        named = [name for name in exc.options if name in from_file]
+        if not named:
+            raise
+        raise OptionError(exc.options, f"{exc} (set by {', '.join(named)} in config file "
+                                       f"{str(path)!r})") from None
