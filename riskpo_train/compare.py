@@ -420,6 +420,14 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> s
     parent of the first run directory) and return the table."""
     if not paths:
         raise ValueError("compare needs at least one run directory")
+    # One run given twice (or through a symlink) would count as two seeds.
+    seen: dict[Path, str | Path] = {}
+    for p in paths:
+        resolved = Path(p).resolve()
+        if resolved in seen:
+            raise ValueError(f"run directory {str(p)!r} is given twice (also as "
+                             f"{str(seen[resolved])!r}): each run must be listed once")
+        seen[resolved] = p
     runs = [load_run(p) for p in paths]
     # Two runs with one algo and seed (e.g. a rerun) would share a label.
     names = [run.name for run in runs]
