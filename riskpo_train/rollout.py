@@ -48,21 +48,48 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple:
-    """Left-padded (input_ids, attention_mask), both (P, Lp), with the tokenizer's
-    BOS first when it has one. A prompt longer than ``max_prompt_tokens`` is an error."""
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The token ids of each prompt as the policy sees it: the tokenizer's
+    special tokens, and its BOS first when it has one."""
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
     rows = []
-    for i, ids in enumerate(encoded):
+    for ids in encoded:
         ids = list(ids)
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
-        if len(ids) > max_prompt_tokens:
-            raise ValueError(f"prompt {i} ({prompts[i][:60]!r}...) has {len(ids)} tokens, more than "
-                             f"the {max_prompt_tokens} the context leaves for it (the model's "
-                             "max_position_embeddings minus max_new_tokens)")
         rows.append(ids)
+    return rows
+
+
+def prompt_too_long(prompt: str, tokens: int, max_prompt_tokens: int) -> str:
+    return (f"({prompt[:60]!r}...) has {tokens} tokens, more than the "
+            f"{max_prompt_tokens} the context leaves for it (the model's "
+            "max_position_embeddings minus max_new_tokens)")
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], max_prompt_tokens: int, where: str,
+                         *, first_index: int = 0, chunk: int = 1024) -> None:
+    """ValueError naming the first prompt longer than ``max_prompt_tokens``
+    tokens: ``{where} {index} ('...'...) has N tokens, more than ...``, where
+    ``prompts[i]`` is number ``first_index + i``."""
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        for i, ids in enumerate(prompt_token_ids(tokenizer, part)):
+            if len(ids) > max_prompt_tokens:
+                raise ValueError(f"{where} {first_index + start + i} "
+                                 + prompt_too_long(part[i], len(ids), max_prompt_tokens))
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int, device) -> tuple:
+    """Left-padded (input_ids, attention_mask), both (P, Lp), with the tokenizer's
+    BOS first when it has one. A prompt longer than ``max_prompt_tokens`` is an
+    error (the trainer checks every prompt before it starts, so this is a backstop)."""
+    rows = prompt_token_ids(tokenizer, prompts)
+    for i, ids in enumerate(rows):
+        if len(ids) > max_prompt_tokens:
+            raise ValueError(f"prompt {i} " + prompt_too_long(prompts[i], len(ids),
+                                                               max_prompt_tokens))
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

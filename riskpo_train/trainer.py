@@ -17,6 +17,7 @@ One step, as ``rl_step`` runs it:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -43,13 +44,22 @@ from .model import (
     save_model_dir,
 )
 from .policy import Policy
-from .rollout import Rollout, pass_at_k, sample
+from .rollout import Rollout, check_prompt_lengths, pass_at_k, sample
 from .task import ArithmeticTask
 from .warmup import cached_model_dir, supervised_warmup
 
 CHECKPOINT = "checkpoint.pt"
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"resume", "rl_steps", "progress", "save_every", "device"}
+# Settings that may change between a run and its resumption. out and
+# warmup_cache are places, not settings: a run directory (or the cache) that
+# was moved resumes from its new place. (The warm-up cache is keyed by every
+# setting its weights depend on, and those settings must not change.)
+RESUMABLE_CHANGES = {"resume", "rl_steps", "progress", "save_every", "device", "out",
+                     "warmup_cache"}
+# What a checkpoint holds, with the types each entry must have.
+CHECKPOINT_ENTRIES = {"step": int, "config": dict, "model": dict, "optimizer": dict,
+                      "tracker": (dict, type(None)), "rng": dict}
+# The files a run writes through a temporary sibling (NAME.tmp-PID) and a rename.
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json", "config.json")
 # Per-step record fields that measure the machine, not the training.
 TIMING_FIELDS = ("tokens_per_s", "step_s")
 
@@ -187,11 +197,16 @@ class Trainer:
             examples = data_lib.load_examples(cfg.data)
             self.train_set, self.test_set = data_lib.split_examples(examples, cfg.test_fraction,
                                                                      cfg.task_seed)
+            # Both splits, in file order, so that an error names the file's row.
+            self.prompt_sources = [(f"{cfg.data}, row", [e.prompt for e in examples])]
             reward = "math" if cfg.reward == "auto" else cfg.reward
         else:
             task = ArithmeticTask(cfg.task_digits, cfg.task_operators, cfg.task_test_size,
                                   cfg.task_seed)
             self.train_set, self.test_set = task.split()
+            self.prompt_sources = [
+                ("the embedded task's train split, prompt", [e.prompt for e in self.train_set]),
+                ("the embedded task's test split, prompt", [e.prompt for e in self.test_set])]
             reward = "exact" if cfg.reward == "auto" else cfg.reward
         if not self.train_set:
             raise ValueError("the training split is empty")
@@ -260,6 +275,7 @@ class Trainer:
         if self.max_prompt_tokens < 1:
             raise ValueError(f"--max-new-tokens ({cfg.max_new_tokens}) leaves no room for the "
                              f"prompt in the model's context ({lm.config.max_position_embeddings})")
+        self._check_prompt_lengths()
         chunk = cfg.chunk_size or None
         self.ref_policy = None
         if cfg.kl_coef > 0:
@@ -272,6 +288,23 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.tracker = rk.QuantileTracker(lr=cfg.tracker_lr) if cfg.algo == "riskpo" else None
+
+    def _check_prompt_lengths(self) -> None:
+        """Every prompt of both splits fits the context: an error now, naming
+        the first that does not, rather than when it is first sampled. (The
+        warm-up, which ran in _load_lm, only exists for the embedded model,
+        whose context is sized to fit the embedded task's prompts.)"""
+        for where, prompts in self.prompt_sources:
+            first = 0
+            if self.cfg.model is None and prompts:
+                # The embedded tokenizer spells one token per character, so the
+                # longest prompt in characters is the longest in tokens: check
+                # (and name) that one; a million 3-digit questions would take a
+                # minute to tokenize.
+                first = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+                prompts = prompts[first:first + 1]
+            check_prompt_lengths(self.tokenizer, prompts, self.max_prompt_tokens, where,
+                                 first_index=first)
 
     # --- one step --------------------------------------------------------------------
 
@@ -430,32 +463,45 @@ class Trainer:
         self.ctx.barrier()
 
     def load_checkpoint(self) -> int:
+        """Restore OUT/checkpoint.pt; the step it was saved after. ValueError
+        naming the file when it is unreadable, not a checkpoint of this trainer,
+        from a run with other options, or does not fit this run's model."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_state_dict,
         )
 
         path = self.out / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         changed = sorted(k for k, v in state["config"].items()
                          if k not in RESUMABLE_CHANGES and getattr(self.cfg, k, None) != v)
         if changed:
-            details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.cfg, k)!r}"
+            details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.cfg, k, None)!r}"
                                 for k in changed)
             raise ValueError(f"--resume: the options differ from the checkpoint's ({details}); "
                              "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
-        set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        if self.tracker is not None and state["tracker"] is not None:
-            self.tracker.load_state_dict(state["tracker"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return int(state["step"])
+        if (self.tracker is None) != (state["tracker"] is None):
+            raise ValueError(f"--resume: {path}: "
+                             + ("no quantile tracker state for --algo riskpo" if state["tracker"]
+                                is None else "a quantile tracker state, but --algo is not riskpo"))
+        try:
+            set_state_dict(self.policy, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--resume: {path}: its model or optimizer state does not fit this "
+                             f"run's model: {_brief(exc)}") from exc
+        try:
+            if self.tracker is not None:
+                self.tracker.load_state_dict(state["tracker"])
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--resume: {path}: malformed tracker or random-generator state: "
+                             f"{_brief(exc)}") from exc
+        return state["step"]
 
     def save_final_model(self) -> None:
         """OUT/final_model: a Hugging Face directory (``from_pretrained`` loads it)."""
@@ -479,8 +525,10 @@ class Trainer:
             raise FileExistsError(f"{self.out} already holds a run ({CHECKPOINT}): pass --resume "
                                   "to continue it, or choose another --out")
         if ctx.is_main:
+            for name in RUN_FILES:  # what saves killed mid-write left behind
+                remove_stale_temporaries(self.out / name)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(self.cfg.to_json())
+            atomic_write_text(self.out / "config.json", self.cfg.to_json())
             keep_records_up_to(metrics_path, start)
         writer = MetricsWriter(metrics_path, self.out, ctx.is_main)
         began = time.perf_counter()
@@ -586,16 +634,96 @@ def summarise(metrics_path: Path, cfg: TrainConfig, wall_s: float) -> dict:
     }
 
 
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, checked to hold what :meth:`Trainer.save_checkpoint`
+    writes (tensors and plain data only: ``weights_only`` loading runs no code).
+    FileNotFoundError or ValueError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (pickle, zip and EOF errors alike)
+        raise ValueError(f"--resume: {path} is not a readable checkpoint (truncated, corrupted, "
+                         f"or not written by riskpo-train): {type(exc).__name__}: "
+                         f"{_brief(exc)}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"--resume: {path} is not a riskpo-train checkpoint: it holds a "
+                         f"{type(state).__name__}, not a dict")
+    missing = [key for key in CHECKPOINT_ENTRIES if key not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a riskpo-train checkpoint: it lacks "
+                         f"{', '.join(missing)}")
+    for key, typ in CHECKPOINT_ENTRIES.items():
+        if not isinstance(state[key], typ) or isinstance(state[key], bool):
+            raise ValueError(f"--resume: {path}: malformed entry {key!r} "
+                             f"({type(state[key]).__name__})")
+    if state["step"] < 0:
+        raise ValueError(f"--resume: {path}: negative step {state['step']}")
+    missing = [key for key in ("torch", "python", "cuda") if key not in state["rng"]]
+    if missing:
+        raise ValueError(f"--resume: {path}: the random-generator state lacks "
+                         f"{', '.join(missing)}")
+    return state
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line, shortened; for a refused
+    weights-only load, only what was refused (not torch's advice to load the
+    file with weights_only=False, which would run whatever code it holds)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    refused = text.find("WeightsUnpickler error:")
+    if refused >= 0:
+        text = ("it holds objects other than tensors and plain data ("
+                + text[refused + len("WeightsUnpickler error:"):].strip().split(". ")[0] + ")")
+    text = text or "(no message)"
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete ``path``'s temporary siblings (``NAME.tmp-PID``) that an earlier
+    save, killed before its rename, left behind. They are never read: only
+    ``path`` itself is. A file whose PID is another live process is left
+    alone: that process may be writing it."""
+    for tmp in Path(path).parent.glob(glob.escape(Path(path).name) + ".tmp-*"):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_exists(int(pid)):
+            continue
+        if tmp.is_file() or tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return True  # another user's process
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    remove_stale_temporaries(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, fsync, rename over ``path``, fsync
+    the directory: ``path`` is always a whole checkpoint, the old or the new.
+    Temporary files of earlier, killed saves are removed first."""
+    remove_stale_temporaries(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

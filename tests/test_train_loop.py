@@ -249,10 +249,11 @@ def test_data_errors_name_the_problem(tmp_path, warmup_cache, tiny_model_dir):
                             data=str(data)), DistContext())
     data.write_text("".join(json.dumps({"prompt": "1" * 14 + "+1=", "answer": "2"}) + "\n"
                             for _ in range(4)))
-    trainer = Trainer(tiny_config(tmp_path / "b", warmup_cache, model=str(tiny_model_dir),
-                                  data=str(data), test_fraction=0.25), DistContext())
-    with pytest.raises(ValueError, match="more than the .* context"):
-        trainer.run()
+    # Caught when the trainer is built, not when the prompt is first sampled.
+    with pytest.raises(ValueError, match=r"q.jsonl, row 0 .* has 18 tokens, more than the 12 "
+                                         r".*context"):
+        Trainer(tiny_config(tmp_path / "b", warmup_cache, model=str(tiny_model_dir),
+                            data=str(data), test_fraction=0.25), DistContext())
 
 
 def test_a_raising_reward_is_an_error_or_a_counted_zero(tmp_path, warmup_cache, monkeypatch):
