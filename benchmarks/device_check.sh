@@ -77,6 +77,7 @@ RESERVE=10   # seconds kept for the summary
 read -r -a PYTEST_SELECTION <<<"${RISKPO_CHECK_PYTEST_ARGS:-tests --ignore=tests/test_device_check.py}"
 
 WORK=$(mktemp -d)        # scratch: step records, pytest counts, smoke runs
+trap 'rm -rf "$WORK"' EXIT
 STEPS=$WORK/steps.tsv
 : >"$STEPS"
 : >"$OUT/failures.log"

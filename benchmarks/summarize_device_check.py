@@ -16,8 +16,8 @@ import json
 import re
 from pathlib import Path
 
-MAX_FAILED_LINES = 12
-WIDTH = 118
+MAX_FAILED_LINES = 10
+WIDTH = 150
 
 ADVANTAGE_COLUMNS = [  # (op, impl, short name)
     ("mvar_advantages", "compiled op", "mvar op"),
@@ -77,9 +77,22 @@ def pytest_details(counts: dict | None, result: str, limit: str | None) -> str:
         text += f"; cut at its {limit} s limit" if limit else "; cut by its time limit"
     elif not counts.get("finished"):
         text += "; pytest ended early (a hard timeout? see failures.log)"
-    if counts.get("running"):
-        text += "; running then: " + ", ".join(n.split("::", 1)[-1] for n in counts["running"][:3])
     return text
+
+
+def running_line(counts: dict | None) -> str | None:
+    """The tests a cut-off or crashed run was in the middle of."""
+    running = (counts or {}).get("running") or []
+    if not running:
+        return None
+    line = f"{'':<22} {'':<18} {'':>6}  running then:"
+    for i, nodeid in enumerate(running):
+        name = nodeid.removeprefix("tests/")
+        more = f" (+{len(running) - i - 1} more)" if i < len(running) - 1 else ""
+        if i and len(line) + len(name) + len(more) + 2 > WIDTH:
+            return line + f" (+{len(running) - i} more)"
+        line += (", " if i else " ") + name
+    return clip(line)
 
 
 def failed_lines(steps: list[dict], out: Path) -> list[str]:
@@ -204,11 +217,14 @@ def main(argv=None) -> int:
     print(f"{'step':<22} {'result':<18} {'time':>6}  details")
     for s in steps:
         fields = note_fields(s["note"])
+        counts = load_counts(fields.get("counts"))
         if "counts" in fields:
-            details = pytest_details(load_counts(fields["counts"]), s["result"], fields.get("limit"))
+            details = pytest_details(counts, s["result"], fields.get("limit"))
         else:
             details = s["note"]
         print(clip(f"{s['name']:<22} {s['result']:<18} {s['seconds'] + ' s':>6}  {details}"))
+        if running_line(counts):
+            print(running_line(counts))
     failed = failed_lines(steps, args.out)
     if failed:
         print("failed tests (tracebacks in failures.log):")
