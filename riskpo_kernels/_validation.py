@@ -110,6 +110,8 @@ def check_tensor(name: str, tensor, *, dtypes=None, dims=None, device=None,
                   f"{tuple(tensor.shape)}")
     if tensor.is_meta:
         _fail(op, f"{name} is a meta tensor (no data): the kernels need real tensors")
+    if tensor.layout != torch.strided:
+        _fail(op, f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
     if device is not None and tensor.device != device:
         _fail(op, f"{name} is on {tensor.device} but {device_name} on {device}")
     check_storage(name, tensor, op)

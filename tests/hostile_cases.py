@@ -260,6 +260,8 @@ def _mutate_tensor(t, mutation):
         return _freed(t)
     if mutation == "meta":
         return t.to("meta")
+    if mutation == "sparse":
+        return t.to_sparse()
     if mutation == "not_a_tensor":  # a list, also for a 0-d tensor (whose tolist is a float)
         return t.tolist() if t.dim() else [t.item()]
     if mutation == "requires_grad_leaf":
@@ -282,7 +284,7 @@ def mutations(entry: Entry) -> list[tuple[str, str, object]]:
         if kind == "tensor" and isinstance(value, torch.Tensor):
             dtypes = (FLOAT_MUTATIONS if value.is_floating_point() else
                       BOOL_MUTATIONS if value.dtype == torch.bool else INT_MUTATIONS)
-            for m in ("freed", "meta", "not_a_tensor") + dtypes:
+            for m in ("freed", "meta", "sparse", "not_a_tensor") + dtypes:
                 out.append((name, m, m))
             if name in entry.writes:
                 out += [(name, "requires_grad_leaf", "requires_grad_leaf"),
