@@ -705,29 +705,15 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write(path: Path, mode: str, write) -> None:
+    """``write(file)`` into a temporary sibling, fsync, rename over ``path``,
+    fsync the directory: ``path`` is always whole, the old or the new version.
+    Temporary files of earlier, killed writes are removed first."""
     remove_stale_temporaries(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary sibling, fsync, rename over ``path``, fsync
-    the directory: ``path`` is always a whole checkpoint, the old or the new.
-    Temporary files of earlier, killed saves are removed first."""
-    remove_stale_temporaries(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -740,6 +726,16 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, "w", lambda f: f.write(text))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` through :func:`_atomic_write`: a process killed mid-save
+    leaves the previous checkpoint whole."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -65,6 +65,17 @@ def make_rewards(kind: str, num_prompts: int, group_size: int, generator, dtype=
     return r.to(dtype).to(device)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny model directory of the trainer's embedded task (context 16)."""
+    from riskpo_train.model import build_char_tokenizer, build_tiny_model, save_model_dir
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    tokenizer = build_char_tokenizer()
+    save_model_dir(build_tiny_model(tokenizer, hidden_size=32, max_positions=16), tokenizer, path)
+    return path
+
+
 @pytest.fixture
 def cuda_device():
     """Skips (at run time, not import) where no CUDA device is present."""

@@ -97,6 +97,10 @@ def _vocab_args(device, rows=3, vocab=5):
     return logits, tokens
 
 
+def _vocab_forward_args(device):
+    return dict(zip(("logits", "tokens"), _vocab_args(device)), temperature=0.7)
+
+
 def _vocab_backward_args(device):
     # The forward's outputs from the reference: building a case runs no kernel,
     # so the case list is the same in any process.
@@ -182,33 +186,22 @@ def entries(device) -> list[Entry]:
     """Every raw op of ops.SCHEMAS and every public function, with a valid call."""
     # On CPU the Triton ops run under the interpreter (this file's main sets it).
     triton = "triton" if importlib.util.find_spec("triton") is not None else None
-    ops = [
-        Entry("op.mvar_advantages", _op("mvar_advantages"), _mvar_op_args,
-              _schema_kinds("mvar_advantages")),
-        Entry("op.grpo_advantages", _op("grpo_advantages"),
-              lambda d: dict(rewards=_rewards(d), group_size=2, normalize_std=True, eps=1e-6),
-              _schema_kinds("grpo_advantages")),
-        Entry("op.token_logprob_entropy", _op("token_logprob_entropy"),
-              lambda d: dict(zip(("logits", "tokens"), _vocab_args(d)), temperature=0.7),
-              _schema_kinds("token_logprob_entropy")),
-        Entry("op.token_logprob_entropy_backward", _op("token_logprob_entropy_backward"),
-              _vocab_backward_args,
-              _schema_kinds("token_logprob_entropy_backward")),
-        Entry("op.token_logprob_entropy_backward_", _op("token_logprob_entropy_backward_"),
-              _vocab_backward_args,
-              _schema_kinds("token_logprob_entropy_backward_"), writes=("logits",)),
-        Entry("op.token_logprob_entropy_triton", _op("token_logprob_entropy_triton"),
-              lambda d: dict(zip(("logits", "tokens"), _vocab_args(d)), temperature=0.7),
-              _schema_kinds("token_logprob_entropy_triton")),
-        Entry("op.token_logprob_entropy_triton_backward", _op("token_logprob_entropy_triton_backward"),
-              _vocab_backward_args,
-              _schema_kinds("token_logprob_entropy_triton_backward")),
-        Entry("op.token_logprob_entropy_triton_backward_", _op("token_logprob_entropy_triton_backward_"),
-              _vocab_backward_args,
-              _schema_kinds("token_logprob_entropy_triton_backward_"), writes=("logits",)),
-        Entry("op.fused_linear_policy_loss", _op("fused_linear_policy_loss"), _fused_op_args,
-              _schema_kinds("fused_linear_policy_loss")),
-    ]
+    valid_calls = {
+        "mvar_advantages": _mvar_op_args,
+        "grpo_advantages": lambda d: dict(rewards=_rewards(d), group_size=2, normalize_std=True,
+                                          eps=1e-6),
+        "token_logprob_entropy": _vocab_forward_args,
+        "token_logprob_entropy_backward": _vocab_backward_args,
+        "token_logprob_entropy_backward_": _vocab_backward_args,
+        "token_logprob_entropy_triton": _vocab_forward_args,
+        "token_logprob_entropy_triton_backward": _vocab_backward_args,
+        "token_logprob_entropy_triton_backward_": _vocab_backward_args,
+        "fused_linear_policy_loss": _fused_op_args,
+    }
+    # An op whose name ends in "_" writes into its logits (schema: Tensor(a!)).
+    ops = [Entry(f"op.{name}", _op(name), make_args, _schema_kinds(name),
+                 writes=("logits",) if name.endswith("_") else ())
+           for name, make_args in valid_calls.items()]
     if device == "cuda":  # the C++ vocabulary ops are CPU kernels; the CUDA path is Triton's
         ops = [e for e in ops if "token_logprob_entropy" not in e.name or "triton" in e.name]
         ops[-1] = dataclasses.replace(ops[-1], make_args=lambda d: {**_fused_op_args(d),

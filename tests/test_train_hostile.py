@@ -23,7 +23,6 @@ from riskpo_train.compare import main as compare_main  # noqa: E402
 from riskpo_train.config import OptionError, TrainConfig, load_yaml, parse_config  # noqa: E402
 from riskpo_train.data import load_examples, split_examples  # noqa: E402
 from riskpo_train.distributed import DistContext  # noqa: E402
-from riskpo_train.model import build_char_tokenizer, build_tiny_model, save_model_dir  # noqa: E402
 from riskpo_train.trainer import (CHECKPOINT, Trainer, atomic_torch_save,  # noqa: E402
                                   read_checkpoint, read_records)
 
@@ -337,14 +336,6 @@ def test_the_next_save_removes_a_stale_temporary_file_but_not_a_live_writers(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [CHECKPOINT, f"{CHECKPOINT}.tmp-{alive}", f"other.pt.tmp-{dead}"])
     assert torch.load(path)["step"] == 3
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    tokenizer = build_char_tokenizer()
-    save_model_dir(build_tiny_model(tokenizer, hidden_size=32, max_positions=16), tokenizer, path)
-    return path
 
 
 def test_an_over_long_test_prompt_is_refused_before_training(tmp_path, tiny_model_dir):

@@ -223,14 +223,6 @@ def test_bad_options_and_inputs_get_clear_errors(tmp_path, warmup_cache):
                 DistContext())
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    tokenizer = build_char_tokenizer()
-    save_model_dir(build_tiny_model(tokenizer, hidden_size=32, max_positions=16), tokenizer, path)
-    return path
-
-
 def test_a_data_file_with_a_math_reward_trains(tmp_path, warmup_cache, tiny_model_dir):
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": 2 * a}) + "\n"
