@@ -46,8 +46,8 @@ def _flat_rewards(rewards, group_size):
     flat = rewards.detach().reshape(-1)  # advantages are constants of the loss
     if flat.numel() % group_size:
         raise ValueError(f"rewards length {flat.numel()} is not a multiple of group_size {group_size}")
-    v.check_all_finite("rewards", flat)
-    return flat, group_size
+    magnitude = v.check_all_finite("rewards", flat)
+    return flat, group_size, magnitude
 
 
 def _scalar_tensor(name, value, like, dtype):
@@ -105,7 +105,7 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     CPU; on CUDA (no host sync) they make their bundle's advantages and
     quantiles NaN.
     """
-    flat, n = _flat_rewards(rewards, group_size)
+    flat, n, magnitude = _flat_rewards(rewards, group_size)
     # A bundle larger than the batch is the whole batch: clamped, so that no
     # implementation sizes anything by a bundle_size in the billions.
     bundle_size = min(v.check_int("bundle_size", bundle_size, 1), max(flat.numel() // n, 1))
@@ -138,10 +138,10 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     out = MVaRResult(*fn(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t,
                          q_hi_t, credit, normalize_std, natural_baseline, base_mid_t, base_low_t,
                          eps))
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling() and out.q_lo.numel() \
+    if magnitude is not None and magnitude * bundle_size > torch.finfo(acc).max \
             and bool(torch.isnan(out.q_lo).any()):
-        # The rewards are finite (checked), so a bundle's score overflowed the
-        # accumulation dtype: a NaN bundle would be a silent wrong answer here.
+        # The rewards are finite (checked, CPU), so a bundle's score overflowed
+        # the accumulation dtype: a NaN bundle would be a silent wrong answer.
         bad = torch.isnan(out.q_lo).nonzero().flatten()[:5].tolist()
         raise ValueError(f"rewards: the bundle scores (sums of {bundle_size} prompts' rewards) of "
                          f"bundles {bad} overflow {out.bundle_scores.dtype}; pass float64 rewards")
@@ -159,7 +159,7 @@ def grpo_advantages(rewards, group_size=None, normalize_std=True, eps=1e-6, impl
     rewards: (P * n,) or (P, n) -> advantages (P * n,) in the rewards' dtype.
     Non-finite rewards raise ``ValueError`` on CPU; on CUDA their group is NaN.
     """
-    flat, n = _flat_rewards(rewards, group_size)
+    flat, n, _ = _flat_rewards(rewards, group_size)
     eps = v.check_float("eps", eps, minimum=0.0)
     normalize_std = v.check_bool("normalize_std", normalize_std)
     impl = v.resolve_impl(impl, flat.device)
