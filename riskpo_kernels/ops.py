@@ -53,6 +53,21 @@ SCHEMAS = {
         "float temperature, int chunk_size, str vocab_impl) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # Log-probs and entropies of softmax((hidden @ weight.T + bias) / temperature),
+    # differentiable: hidden (N, H), weight (V, H), bias (V,)?, tokens (N,) ->
+    # logprobs, entropy, lse (N,), float32 (float64 for float64 hidden), chunk by
+    # chunk (verl's fused-kernel contract, for trainers that compute their own loss).
+    "fused_linear_logprob_entropy": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float temperature, "
+        "int chunk_size, str vocab_impl) -> (Tensor, Tensor, Tensor)"
+    ),
+    # Its backward: grad_hidden (N, H), grad_weight (V, H), grad_bias (V,) (empty
+    # without bias), each chunk's logits recomputed, its softmax from the saved lse.
+    "fused_linear_logprob_entropy_backward": (
+        "(Tensor grad_logprobs, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
+        "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int chunk_size, "
+        "str vocab_impl) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -188,6 +203,77 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
 
 torch.library.register_autograd("riskpo::fused_linear_policy_loss", _fused_linear_backward,
                                 setup_context=_fused_linear_setup)
+
+
+def _fused_linear_logprob_entropy_impl(hidden, weight, bias, tokens, temperature, chunk_size,
+                                       vocab_impl):
+    from .policy.fused_linear import fused_linear_logprob_entropy_forward
+
+    return fused_linear_logprob_entropy_forward(hidden, weight, bias, tokens, temperature,
+                                                chunk_size, vocab_impl)
+
+
+def _fused_linear_logprob_entropy_backward_impl(grad_logprobs, grad_entropy, hidden, weight, bias,
+                                                tokens, lse, entropy, temperature, chunk_size,
+                                                vocab_impl):
+    from .policy.fused_linear import fused_linear_logprob_entropy_backward
+
+    return fused_linear_logprob_entropy_backward(grad_logprobs, grad_entropy, hidden, weight,
+                                                 bias, tokens, lse, entropy, temperature,
+                                                 chunk_size, vocab_impl)
+
+
+_LIBRARY.impl("fused_linear_logprob_entropy", _fused_linear_logprob_entropy_impl,
+              "CompositeExplicitAutograd")
+_LIBRARY.impl("fused_linear_logprob_entropy_backward", _fused_linear_logprob_entropy_backward_impl,
+              "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("riskpo::fused_linear_logprob_entropy")
+def _fused_linear_logprob_entropy_fake(hidden, weight, bias, tokens, temperature, chunk_size,
+                                       vocab_impl):
+    _check_fake_devices("fused_linear_logprob_entropy", "hidden", hidden, weight=weight, bias=bias,
+                        tokens=tokens)
+    acc = accumulation_dtype(hidden.dtype)
+    rows = hidden.shape[0]
+    return tuple(hidden.new_empty((rows,), dtype=acc) for _ in range(3))
+
+
+@torch.library.register_fake("riskpo::fused_linear_logprob_entropy_backward")
+def _fused_linear_logprob_entropy_backward_fake(grad_logprobs, grad_entropy, hidden, weight, bias,
+                                                tokens, lse, entropy, temperature, chunk_size,
+                                                vocab_impl):
+    _check_fake_devices("fused_linear_logprob_entropy_backward", "hidden", hidden,
+                        grad_logprobs=grad_logprobs, grad_entropy=grad_entropy, weight=weight,
+                        bias=bias, tokens=tokens, lse=lse, entropy=entropy)
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0] if bias is not None else 0,)))
+
+
+def _fused_linear_logprob_entropy_setup(ctx, inputs, output):
+    hidden, weight, bias, tokens, temperature, chunk_size, vocab_impl = inputs
+    _, entropy, lse = output
+    # Saved: the inputs and two floats per row; backward recomputes the logits
+    # chunk by chunk (storing them costs N * V).
+    ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
+    ctx.arguments = (temperature, chunk_size, vocab_impl)
+    ctx.mark_non_differentiable(lse)
+
+
+def _fused_linear_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros_like(lse)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    grad_hidden, grad_weight, grad_bias = torch.ops.riskpo.fused_linear_logprob_entropy_backward(
+        grad_logprobs, grad_entropy, hidden, weight, bias, tokens, lse, entropy, *ctx.arguments)
+    return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None
+
+
+torch.library.register_autograd("riskpo::fused_linear_logprob_entropy",
+                                _fused_linear_logprob_entropy_backward,
+                                setup_context=_fused_linear_logprob_entropy_setup)
 
 
 def _token_logprob_entropy_setup(ctx, inputs, output):

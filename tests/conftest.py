@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,41 @@ def pytest_configure(config):
 
     if not config.pluginmanager.is_registered(_device_plugin):
         config.pluginmanager.register(_device_plugin, "riskpo-device-plugin")
+
+
+def check_fused_logprob_gradients(impl, dtype, with_bias, device="cpu", chunk_size=4):
+    """rk.fused_linear_logprobs(impl) against impl="reference" (autograd through
+    the materialised logits) on the same inputs: values, and the gradients of
+    sum(g_lp * logprobs + g_H * entropy) for random g_lp, g_H w.r.t. hidden,
+    weight and bias. Odd shapes; chunks that do not divide the rows."""
+    import riskpo_kernels as rk
+
+    g = torch.Generator().manual_seed(zlib.crc32(repr((impl, dtype, with_bias, chunk_size)).encode()))
+    B, T, H, V = 3, 5, 7, 37
+    leaves = [torch.randn(B, T, H, generator=g, dtype=torch.float64),
+              torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5,
+              torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None]
+    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
+    upstream = [torch.randn(B, T, generator=g, dtype=torch.float64).to(device) for _ in range(2)]
+    results = {}
+    for which in (impl, "reference"):
+        inputs = [None if x is None else x.to(dtype).to(device).requires_grad_() for x in leaves]
+        hidden, weight, bias = inputs
+        lp, ent = rk.fused_linear_logprobs(hidden, weight, tokens, bias=bias, temperature=0.7,
+                                           chunk_size=chunk_size, impl=which)
+        (lp * upstream[0].to(lp.dtype) + ent * upstream[1].to(ent.dtype)).sum().backward()
+        results[which] = [lp, ent] + [x.grad for x in inputs if x is not None]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    names = ["logprobs", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, got, want in zip(names, results[impl], results["reference"]):
+        got, want = got.detach().cpu(), want.detach().cpu()
+        if name in ("logprobs", "entropy"):  # float32 (the accumulation dtype)
+            assert_close_for(got, want, acc, msg=name)
+        elif dtype == torch.bfloat16:
+            # Both round the logits' gradient to bf16 before the matmuls, and the
+            # chunks' products are rounded to bf16 before they are summed in
+            # float32: compare by relative norm (METHOD.md), as the fused loss's test.
+            err = (got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-12)
+            assert err < 2e-2, f"{name}: relative error {err:.2e}"
+        else:
+            assert_close_for(got, want, dtype, msg=name)

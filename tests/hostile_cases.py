@@ -123,6 +123,21 @@ def _fused_op_args(device):
                 temperature=0.7, chunk_size=4, vocab_impl="cpp")
 
 
+def _fused_logprob_op_args(device):
+    args = _fused_op_args(device)
+    return {k: args[k] for k in ("hidden", "weight", "bias", "tokens", "temperature",
+                                 "chunk_size", "vocab_impl")}
+
+
+def _fused_logprob_backward_op_args(device):
+    args = _fused_logprob_op_args(device)
+    logits = torch.nn.functional.linear(args["hidden"], args["weight"], args["bias"])
+    _, entropy = logprobs_and_entropy_reference(logits, args["tokens"], args["temperature"])
+    randn = _gen(device, 3)
+    return dict(grad_logprobs=randn(6), grad_entropy=randn(6), **args,
+                lse=torch.logsumexp(logits / args["temperature"], -1), entropy=entropy)
+
+
 def _loss_inputs(device, B=4, T=3, V=7, H=5):
     randn = _gen(device)
     return dict(hidden=randn(B, T, H), weight=randn(V, H), logits=randn(B, T, V),
@@ -197,6 +212,8 @@ def entries(device) -> list[Entry]:
         "token_logprob_entropy_triton_backward": _vocab_backward_args,
         "token_logprob_entropy_triton_backward_": _vocab_backward_args,
         "fused_linear_policy_loss": _fused_op_args,
+        "fused_linear_logprob_entropy": _fused_logprob_op_args,
+        "fused_linear_logprob_entropy_backward": _fused_logprob_backward_op_args,
     }
     # An op whose name ends in "_" writes into its logits (schema: Tensor(a!)).
     ops = [Entry(f"op.{name}", _op(name), make_args, _schema_kinds(name),
@@ -204,8 +221,9 @@ def entries(device) -> list[Entry]:
            for name, make_args in valid_calls.items()]
     if device == "cuda":  # the C++ vocabulary ops are CPU kernels; the CUDA path is Triton's
         ops = [e for e in ops if "token_logprob_entropy" not in e.name or "triton" in e.name]
-        ops[-1] = dataclasses.replace(ops[-1], make_args=lambda d: {**_fused_op_args(d),
-                                                                    "vocab_impl": "triton"})
+        ops = [dataclasses.replace(e, make_args=lambda d, make=e.make_args: {
+                   **make(d), "vocab_impl": "triton"}) if "vocab_impl" in e.kinds else e
+               for e in ops]
     if triton is None:
         ops = [e for e in ops if "triton" not in e.name]
     fast = "cuda" if device == "cuda" else "cpp"

@@ -23,7 +23,7 @@ import torch
 
 from riskpo_kernels.policy import logprobs_and_entropy_reference
 
-from conftest import assert_close_for, assert_compiled_matches_eager
+from conftest import assert_close_for, assert_compiled_matches_eager, check_fused_logprob_gradients
 
 # CI runs plain `pytest` on CPU-only machines, where the kernels can only run
 # under Triton's interpreter. triton.jit reads TRITON_INTERPRET when it
@@ -446,3 +446,11 @@ def test_public_losses_with_triton_match_reference(device, agg):
         torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_differentiable_fused_linear_logprobs(tk, device, dtype, with_bias):
+    # rk.fused_linear_logprobs on the Triton kernels: values and gradients
+    # against autograd through the materialised logits.
+    check_fused_logprob_gradients("triton", dtype, with_bias, device=device)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _extension
 from .. import _validation as v
-from .fused_linear import VOCAB_OPS, check_linear, default_chunk_size
+from .fused_linear import check_linear, default_chunk_size
 from .reference import (
     AGGREGATIONS,
     aggregation_weights,
@@ -218,16 +218,22 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
     return PolicyLossOutput(loss, logprobs, entropy, metrics)
 
 
-@torch.no_grad()
 def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
                           chunk_size=None, impl="auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``tokens`` and entropies under
-    ``softmax((hidden @ weight.T + bias) / temperature)``, chunk by chunk, without
-    gradients: what a trainer needs for old and reference log-probs.
+    ``softmax(z)``, ``z = (hidden @ weight.T + bias) / temperature``, chunk by
+    chunk, never holding the (B, T, V) logits::
+
+        logprobs = z[tokens] - logsumexp(z),   entropy = -sum softmax(z) log softmax(z)
 
     hidden: (B, T, H); weight: (V, H); bias: (V,) or None; tokens: (B, T) in [0, V).
-    Returns logprobs, entropy: (B, T) float32 (float64 for float64 hidden).
-    Peak extra memory is one (chunk_size, V) block of logits.
+    Returns logprobs, entropy: (B, T) float32 (float64 for float64 hidden),
+    differentiable w.r.t. hidden, weight and bias: the backward takes
+    (d logprobs, d entropy) and recomputes each chunk's logits from the saved
+    inputs and one log-sum-exp per token (``riskpo::fused_linear_logprob_entropy``).
+    Under ``torch.no_grad()`` (old and reference log-probs) nothing is saved.
+    Peak extra memory is one (chunk_size, V) block of logits, forward and backward.
+    ``impl="reference"`` materialises the logits (the oracle).
     """
     B, T, H, V = _check_linear(hidden, weight, bias)
     tokens = _checked_tokens(tokens, B, T, V, hidden.device)
@@ -236,18 +242,11 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
     chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
                   else v.check_int("chunk_size", chunk_size, 1))
     impl = _resolve(impl, hidden.device)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     flat_hidden, flat_tokens = hidden.reshape(N, H), tokens.reshape(N)
-    logprobs = hidden.new_empty((N,), dtype=acc)
-    entropy = hidden.new_empty((N,), dtype=acc)
-    for start in range(0, N, chunk_size):
-        end = min(start + chunk_size, N)
-        logits = torch.nn.functional.linear(flat_hidden[start:end], weight, bias)
-        if impl == "reference":
-            lp, ent = logprobs_and_entropy_reference(logits, flat_tokens[start:end], temperature)
-        else:
-            vocab_forward = getattr(torch.ops.riskpo, VOCAB_OPS[impl][0])
-            lp, ent, _ = vocab_forward(logits, flat_tokens[start:end], temperature)
-        logprobs[start:end] = lp
-        entropy[start:end] = ent
+    if impl == "reference":
+        logprobs, entropy = logprobs_and_entropy_reference(
+            torch.nn.functional.linear(flat_hidden, weight, bias), flat_tokens, temperature)
+    else:
+        logprobs, entropy, _ = torch.ops.riskpo.fused_linear_logprob_entropy(
+            flat_hidden, weight, bias, flat_tokens, temperature, chunk_size, impl)
     return logprobs.view(B, T), entropy.view(B, T)

@@ -67,30 +67,74 @@ def check_linear(hidden, weight, bias, hidden_dims=(3,), op=None) -> tuple[int, 
     return H, V
 
 
-def _check_op_args(hidden, weight, bias, tokens, weights, advantages, old_logprobs, ref_logprobs,
-                   clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
-                   chunk_size, vocab_impl):
-    """The raw op's contract, checked for trainers that call
-    torch.ops.riskpo.fused_linear_policy_loss directly (the public function
-    has checked its own arguments, which become these)."""
-    op = "fused_linear_policy_loss"
+def _check_rows(op, hidden, weight, bias, tokens, temperature, chunk_size, vocab_impl,
+                per_row: dict, optional=()) -> None:
+    """The contract of the fused ops: hidden (N, H), weight (V, H), bias (V,) or
+    None, tokens (N,) int64 in [0, V), each of ``per_row`` a float (N,) tensor
+    (those named in ``optional`` may be None), on hidden's device; checked for
+    trainers that call torch.ops.riskpo.* directly (the public functions have
+    checked their own arguments, which become these)."""
     _, V = check_linear(hidden, weight, bias, hidden_dims=(2,), op=op)
     N, device = hidden.shape[0], hidden.device
-    per_token = {"tokens": (tokens, (torch.int64,)), "weights": (weights, "float"),
-                 "advantages": (advantages, "float"), "old_logprobs": (old_logprobs, "float"),
-                 "ref_logprobs": (ref_logprobs, "float")}
-    for name, (tensor, dtypes) in per_token.items():
-        if tensor is None and name in ("old_logprobs", "ref_logprobs"):
+    tensors = {"tokens": (tokens, (torch.int64,))}
+    tensors.update({name: (tensor, "float") for name, tensor in per_row.items()})
+    for name, (tensor, dtypes) in tensors.items():
+        if tensor is None and name in optional:
             continue
         v.check_tensor(name, tensor, dtypes=dtypes, device=device, device_name="hidden is", op=op)
         if tuple(tensor.shape) != (N,):
             v._fail(op, f"{name} must be (N,) = ({N},), got shape {tuple(tensor.shape)}")
     v.check_token_range(tokens, V, op=op)
-    scalars = v.check_loss_scalars(clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef,
-                                   temperature, op=op)
+    v.check_temperature(temperature, op=op)
     v.check_int("chunk_size", chunk_size, 1, op=op)
     v.check_choice("vocab_impl", vocab_impl, tuple(VOCAB_OPS), op=op)
-    return scalars
+
+
+class _Chunks:
+    """The chunk loop the fused ops share: logits of rows [start, end) and
+    the accumulation of their gradient into d hidden, d weight and d bias."""
+
+    def __init__(self, hidden, weight, bias, chunk_size, vocab_impl, with_grads):
+        forward_name, _, backward_in_place_name = VOCAB_OPS[vocab_impl]
+        self.vocab_forward = getattr(torch.ops.riskpo, forward_name)
+        self.vocab_backward_in_place = getattr(torch.ops.riskpo, backward_in_place_name)
+        self.hidden, self.weight, self.bias, self.chunk_size = hidden, weight, bias, chunk_size
+        self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        if with_grads:
+            self.grad_hidden = torch.empty_like(hidden)
+            # Accumulated over chunks in float32 at least: bf16 partial sums would drift.
+            self.grad_weight = torch.zeros(weight.shape, dtype=self.acc, device=weight.device)
+            self.grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0,
+                                         dtype=self.acc, device=weight.device)
+
+    def ranges(self):
+        N = self.hidden.shape[0]
+        return ((start, min(start + self.chunk_size, N)) for start in range(0, N, self.chunk_size))
+
+    def logits(self, start, end):
+        h = self.hidden[start:end]
+        return torch.addmm(self.bias, h, self.weight.t()) if self.bias is not None else h @ self.weight.t()
+
+    def add_gradient(self, start, end, logits, tokens, grad_logprobs, grad_entropy, lse, entropy,
+                     temperature):
+        """Writes d loss / d logits over ``logits`` (a dead temporary of ours:
+        no second (chunk, V) buffer), then accumulates its products."""
+        self.vocab_backward_in_place(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                     temperature)
+        grad_logits, h = logits, self.hidden[start:end]
+        # Not mm(out=grad_hidden[start:end]): for bf16 on CPU that left the view
+        # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.
+        self.grad_hidden[start:end] = grad_logits @ self.weight
+        if grad_logits.dtype == self.acc:
+            self.grad_weight.addmm_(grad_logits.t(), h)
+        else:
+            self.grad_weight += (grad_logits.t() @ h).to(self.acc)
+        if self.bias is not None:
+            self.grad_bias += grad_logits.sum(0, dtype=self.acc)
+
+    def grads(self):
+        return (self.grad_hidden, self.grad_weight.to(self.weight.dtype),
+                self.grad_bias.to(self.weight.dtype))
 
 
 def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, advantages,
@@ -100,48 +144,69 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
     """hidden: (N, H), weight: (V, H), bias: (V,) or None, tokens/weights/advantages/
     old/ref: (N,). Returns loss (), logprobs (N,), entropy (N,), grad_hidden (N, H),
     grad_weight (V, H), grad_bias (V,) (empty without bias): the gradients of loss."""
-    _check_op_args(hidden, weight, bias, tokens, weights, advantages, old_logprobs, ref_logprobs,
-                   clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
-                   chunk_size, vocab_impl)
-    forward_name, _, backward_in_place_name = VOCAB_OPS[vocab_impl]
-    vocab_forward = getattr(torch.ops.riskpo, forward_name)
-    vocab_backward_in_place = getattr(torch.ops.riskpo, backward_in_place_name)
-    N = hidden.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    op = "fused_linear_policy_loss"
+    _check_rows(op, hidden, weight, bias, tokens, temperature, chunk_size, vocab_impl,
+                dict(weights=weights, advantages=advantages, old_logprobs=old_logprobs,
+                     ref_logprobs=ref_logprobs), optional=("old_logprobs", "ref_logprobs"))
+    clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature = v.check_loss_scalars(
+        clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature, op=op)
+    chunks = _Chunks(hidden, weight, bias, chunk_size, vocab_impl, with_grads=True)
+    N, acc = hidden.shape[0], chunks.acc
     logprobs = hidden.new_empty((N,), dtype=acc)
     entropy = hidden.new_empty((N,), dtype=acc)
-    grad_hidden = torch.empty_like(hidden)
-    # Accumulated over chunks in float32 at least: bf16 partial sums would drift.
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0, dtype=acc, device=weight.device)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
-    for start in range(0, N, chunk_size):
-        end = min(start + chunk_size, N)
-        h = hidden[start:end]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-        lp, ent, lse = vocab_forward(logits, tokens[start:end], temperature)
+    for start, end in chunks.ranges():
+        logits = chunks.logits(start, end)
+        lp, ent, lse = chunks.vocab_forward(logits, tokens[start:end], temperature)
         part, grad_lp, grad_ent = token_loss_and_grads(
             lp, ent, weights[start:end], advantages[start:end],
             None if old_logprobs is None else old_logprobs[start:end],
             None if ref_logprobs is None else ref_logprobs[start:end],
             clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef)
-        # The chunk's logits are ours and dead after this: the gradient
-        # overwrites them instead of taking a second (chunk, V) buffer.
-        vocab_backward_in_place(grad_lp, grad_ent, logits, tokens[start:end], lse, ent,
-                                temperature)
-        grad_logits = logits
+        # The aggregation weights are known up front, so the chunk's gradient is
+        # finished here, in the forward: backward only scales it.
+        chunks.add_gradient(start, end, logits, tokens[start:end], grad_lp, grad_ent, lse, ent,
+                            temperature)
         del logits
-        # Not mm(out=grad_hidden[start:end]): for bf16 on CPU that left the view
-        # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.
-        grad_hidden[start:end] = grad_logits @ weight
-        if grad_logits.dtype == acc:
-            grad_weight.addmm_(grad_logits.t(), h)
-        else:
-            grad_weight += (grad_logits.t() @ h).to(acc)
-        if bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=acc)
         logprobs[start:end] = lp
         entropy[start:end] = ent
         loss += part
-    return (loss, logprobs, entropy, grad_hidden, grad_weight.to(weight.dtype),
-            grad_bias.to(weight.dtype))
+    return (loss, logprobs, entropy, *chunks.grads())
+
+
+def fused_linear_logprob_entropy_forward(hidden, weight, bias, tokens, temperature, chunk_size,
+                                         vocab_impl):
+    """hidden: (N, H), weight: (V, H), bias: (V,) or None, tokens: (N,). Returns
+    logprobs, entropy, lse: (N,) float32 (float64 for float64 hidden) of
+    softmax((hidden @ weight.T + bias) / temperature), one chunk of logits at a time."""
+    _check_rows("fused_linear_logprob_entropy", hidden, weight, bias, tokens, temperature,
+                chunk_size, vocab_impl, {})
+    chunks = _Chunks(hidden, weight, bias, chunk_size, vocab_impl, with_grads=False)
+    N = hidden.shape[0]
+    logprobs, entropy, lse = (hidden.new_empty((N,), dtype=chunks.acc) for _ in range(3))
+    for start, end in chunks.ranges():
+        lp, ent, chunk_lse = chunks.vocab_forward(chunks.logits(start, end), tokens[start:end],
+                                                  temperature)
+        logprobs[start:end], entropy[start:end], lse[start:end] = lp, ent, chunk_lse
+    return logprobs, entropy, lse
+
+
+def fused_linear_logprob_entropy_backward(grad_logprobs, grad_entropy, hidden, weight, bias,
+                                          tokens, lse, entropy, temperature, chunk_size,
+                                          vocab_impl):
+    """The gradients (grad_hidden (N, H), grad_weight (V, H), grad_bias (V,),
+    empty without bias) of sum(grad_logprobs * logprobs + grad_entropy *
+    entropy), recomputing each chunk's logits from hidden and weight and its
+    softmax from the saved lse: nothing of size N * V was kept."""
+    _check_rows("fused_linear_logprob_entropy_backward", hidden, weight, bias, tokens,
+                temperature, chunk_size, vocab_impl,
+                dict(grad_logprobs=grad_logprobs, grad_entropy=grad_entropy, lse=lse,
+                     entropy=entropy))
+    chunks = _Chunks(hidden, weight, bias, chunk_size, vocab_impl, with_grads=True)
+    acc = chunks.acc
+    for start, end in chunks.ranges():
+        rows = slice(start, end)
+        chunks.add_gradient(start, end, chunks.logits(start, end), tokens[rows],
+                            grad_logprobs[rows].to(acc), grad_entropy[rows].to(acc),
+                            lse[rows].to(acc), entropy[rows].to(acc), temperature)
+    return chunks.grads()
