@@ -82,7 +82,10 @@ def test_fused_cpp_matches_reference(cpp_available, agg, dtype, with_bias, with_
                 assert_close_for(a, b, dtype, msg=lambda m: f"grad {name} {what}: {m}")
 
 
-def test_closed_form_token_gradients_equal_autograd():
+def test_fused_token_gradients_equal_autograd_through_the_reference():
+    # The fused path adds the closed-form derivative of per_token_loss; the
+    # reference differentiates the same definition with autograd. Ties on the
+    # clip boundaries and the dual clip included.
     g = seeded("closed-form")
     for agg, with_old in itertools.product(AGGREGATIONS, (False, True)):
         B, T = 5, 7
@@ -107,6 +110,18 @@ def test_closed_form_token_gradients_equal_autograd():
         torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got_lp.view(B, T), want_lp, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got_h.view(B, T), want_h, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_token_gradients_ignore_nan_at_tokens_of_weight_zero():
+    logp = torch.tensor([-1.0, float("nan"), -2.0])
+    entropy = torch.tensor([0.5, float("nan"), 1.0])
+    weights = torch.tensor([0.5, 0.0, 0.5])
+    loss, grad_lp, grad_h = token_loss_and_grads(logp, entropy, weights, torch.tensor([1.0, 1.0, -1.0]),
+                                                 torch.tensor([-1.1, -3.0, -1.9]), entropy_coef=0.1)
+    assert torch.isfinite(loss) and torch.isfinite(grad_lp).all() and torch.isfinite(grad_h).all()
+    assert grad_lp[1].item() == 0.0 and grad_h[1].item() == 0.0
+    weights[1] = 1e-3  # a response token: its NaN is reported
+    assert torch.isnan(token_loss_and_grads(logp, entropy, weights, torch.ones(3))[0])
 
 
 def test_opcheck_fused_op(cpp_available):

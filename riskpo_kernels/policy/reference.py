@@ -2,16 +2,18 @@
 
 It materialises the float32 log-softmax, as verl and TRL do: the readable spec
 and the test oracle. The loss on top of the per-token log-probs and entropies
-(`token_policy_loss`) is shared by every implementation: it is O(B * T), while
-the vocabulary-sized work is what the kernels replace.
+(`token_policy_loss`, which aggregates `token_loss.per_token_loss`) is shared
+by every implementation: it is O(B * T), while the vocabulary-sized work is
+what the kernels replace.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .token_loss import per_token_loss, weighted_sum
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-RATIO_LOG_CLAMP = 20.0  # ratio = exp(clamp(logp - old, -20, 20)), as verl
 
 
 def logprobs_and_entropy_reference(logits, tokens, temperature):
@@ -58,25 +60,9 @@ def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, re
     acc = logprobs.dtype
     A = advantages.to(acc)
     A = A[:, None].expand_as(logprobs) if A.dim() == 1 else A
-    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(acc)
-    ratio = torch.exp(torch.clamp(logprobs - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
-    l1 = -A * ratio
-    l2 = -A * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(l1, l2)
-    l3 = -A * clip_ratio_c
-    per_token = torch.where(A < 0, torch.minimum(clipped, l3), clipped)
-    kl = None
-    if ref_logprobs is not None:
-        delta = ref_logprobs.to(acc) - logprobs
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + kl_coef * kl
-    if entropy_coef != 0:
-        per_token = per_token - entropy_coef * entropy
-
-    # torch.where, not a product: a NaN at a masked-out position (padding) must
-    # not reach the loss, while one at a response token does.
-    weights = aggregation_weights(mask, agg).to(acc)
-    loss = torch.where(weights != 0, weights * per_token, 0).sum()
+    per_token, terms = per_token_loss(logprobs, entropy, A, old_logprobs, ref_logprobs, clip_low,
+                                      clip_high, clip_ratio_c, kl_coef, entropy_coef)
+    loss = weighted_sum(aggregation_weights(mask, agg).to(acc), per_token)
 
     m = mask.to(acc)
     count = m.sum()
@@ -86,13 +72,13 @@ def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, re
             min=torch.finfo(acc).tiny)
 
     metrics = {
-        "clipfrac": masked_mean((l2 > l1).to(acc)),
-        "clipfrac_lower": masked_mean(((clipped > l3) & (A < 0)).to(acc)),
-        "approx_kl": masked_mean(old - logprobs.detach()),
+        "clipfrac": masked_mean((terms.l2 > terms.l1).to(acc)),
+        "clipfrac_lower": masked_mean(((terms.clipped > terms.l3) & (A < 0)).to(acc)),
+        "approx_kl": masked_mean(terms.old - logprobs.detach()),
         "entropy": masked_mean(entropy),
     }
-    if kl is not None:
-        metrics["kl"] = masked_mean(kl)
+    if terms.kl is not None:
+        metrics["kl"] = masked_mean(terms.kl)
     return loss, metrics
 
 
