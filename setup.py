@@ -7,11 +7,16 @@ Build against the torch already installed: `pip install --no-build-isolation -e 
 
 import glob
 import os
+import runpy
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The option names the kernels share with Python, generated from their one
+# source (riskpo_kernels/common.py) into a header the C++ and CUDA code include.
+GENERATED = os.path.join(ROOT, "build", "generated")
+runpy.run_path(os.path.join(ROOT, "riskpo_kernels", "common.py"))["write_cpp_header"](GENERATED)
 
 
 def _sources(pattern):
@@ -37,12 +42,13 @@ def _extension():
     )
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "riskpo_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
+            "riskpo_kernels._C", cpp_sources, include_dirs=[GENERATED],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     return cpp_extension.CUDAExtension(
         "riskpo_kernels._C",
         cpp_sources + _sources("**/*.cu"),
+        include_dirs=[GENERATED],
         define_macros=[("RISKPO_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         extra_link_args=link_flags,

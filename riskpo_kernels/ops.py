@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .common import accumulation_dtype
+
 _LIBRARY = torch.library.Library("riskpo", "DEF")
 
 SCHEMAS = {
@@ -72,11 +74,6 @@ SCHEMAS = {
 
 for _name, _schema in SCHEMAS.items():
     _LIBRARY.define(_name + _schema)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 math for float64 storage, float32 math for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_fake_devices(op: str, primary_name: str, primary: torch.Tensor, **others) -> None:

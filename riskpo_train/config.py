@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from riskpo_kernels.common import AGGREGATIONS, CREDITS, QUANTILE_MODES
+
 from .task import OPERATORS
 
 ALGOS = ("riskpo", "grpo")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-QUANTILE_MODES = ("batch", "track", "mix")
-CREDITS = ("uniform", "score", "std", "sum-mean")
+LOSS_AGGS = AGGREGATIONS
 REWARD_NAMES = ("auto", "exact", "math")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 

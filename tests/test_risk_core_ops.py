@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import riskpo_kernels as rk
+from riskpo_kernels.common import write_cpp_header
 
 from conftest import make_rewards
 
@@ -124,7 +125,8 @@ def test_without_extension_the_package_imports_warns_once_and_falls_back():
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     """The CUDA kernels take raw pointers, so plain nvcc builds them without torch."""
     arch = os.environ.get("RISKPO_TEST_CUDA_ARCH", "sm_90")
-    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-c",
+    write_cpp_header(tmp_path)  # the names setup.py generates from riskpo_kernels/common.py
+    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", f"-I{tmp_path}", "-c",
            str(ROOT / "csrc/risk_core/risk_core_cuda.cu"), "-o", str(tmp_path / "risk_core.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -145,6 +147,7 @@ def test_cuda_dispatch_code_compiles(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    write_cpp_header(tmp_path)
     from torch.utils.cpp_extension import include_paths
 
     cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-DRISKPO_WITH_CUDA", f"-I{tmp_path}",
@@ -152,3 +155,21 @@ def test_cuda_dispatch_code_compiles(tmp_path):
            str(ROOT / "csrc/risk_core/risk_core_api.cpp")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_the_compiled_ops_take_exactly_the_names_in_common(cpp_available):
+    # One source: the C++ parses credit and quantile_mode with the names
+    # setup.py generated from riskpo_kernels/common.py.
+    from riskpo_kernels.common import CREDITS, QUANTILE_MODES
+
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    for credit in CREDITS:
+        for mode in QUANTILE_MODES:
+            torch.ops.riskpo.mvar_advantages(rewards, 2, 2, 0.2, 0.8, 1.5, 0.0, mode, None, None,
+                                             credit, True, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=f"credit must be one of {', '.join(CREDITS)}; got 'x'"):
+        torch.ops.riskpo.mvar_advantages(rewards, 2, 2, 0.2, 0.8, 1.5, 0.0, "batch", None, None,
+                                         "x", True, True, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=f"quantile_mode must be one of {', '.join(QUANTILE_MODES)}"):
+        torch.ops.riskpo.mvar_advantages(rewards, 2, 2, 0.2, 0.8, 1.5, 0.0, "x", None, None,
+                                         "std", True, True, None, None, 1e-6)

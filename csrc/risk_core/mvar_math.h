@@ -9,6 +9,10 @@
 #include <cmath>
 #include <cstdint>
 
+// enum Credit, enum QuantileMode and their names, generated from
+// riskpo_kernels/common.py by setup.py (the one place they are written).
+#include "riskpo_names.h"
+
 #if defined(__CUDACC__)
 #define RISKPO_HD __host__ __device__ __forceinline__
 #else
@@ -17,10 +21,6 @@
 
 namespace riskpo {
 namespace mvar {
-
-// Codes shared with the Python side (riskpo_kernels/ops.py parses the strings).
-enum Credit : int { kCreditUniform = 0, kCreditScore = 1, kCreditStd = 2, kCreditSumMean = 3 };
-enum QuantileMode : int { kBatch = 0, kTrack = 1, kMix = 2 };
 
 // A standard deviation at or below this is treated as 1 (spec section 4, fix):
 // dividing by ~0 turned identical-score bundles into advantages of ~1e6.

@@ -36,21 +36,15 @@ void check_rewards(const char* op, const Tensor& rewards, int64_t group_size) {
                " is not a multiple of group_size ", group_size);
 }
 
-int parse_credit(c10::string_view credit) {
-  if (credit == "uniform") return mvar::kCreditUniform;
-  if (credit == "score") return mvar::kCreditScore;
-  if (credit == "std") return mvar::kCreditStd;
-  if (credit == "sum-mean") return mvar::kCreditSumMean;
-  RISKPO_CHECK(false, "mvar_advantages: credit must be one of uniform, score, std, sum-mean; got '",
-               credit, "'");
-}
-
-int parse_quantile_mode(c10::string_view mode) {
-  if (mode == "batch") return mvar::kBatch;
-  if (mode == "track") return mvar::kTrack;
-  if (mode == "mix") return mvar::kMix;
-  RISKPO_CHECK(false, "mvar_advantages: quantile_mode must be one of batch, track, mix; got '",
-               mode, "'");
+// The position of `value` in `names` (riskpo_names.h, generated from the
+// Python side's lists), or an error listing them.
+int parse_choice(const char* what, c10::string_view value, const char* const* names, int count) {
+  std::string listed;
+  for (int i = 0; i < count; ++i) {
+    if (value == names[i]) return i;
+    listed += std::string(i ? ", " : "") + names[i];
+  }
+  RISKPO_CHECK(false, "mvar_advantages: ", what, " must be one of ", listed, "; got '", value, "'");
 }
 
 // A 0-d (or one-element) scalar argument, on the rewards' device, in `dtype`.
@@ -106,7 +100,10 @@ MVaRCall prepare_mvar(const Tensor& rewards_in, int64_t group_size, int64_t bund
   // shared memory are sized by a bundle_size in the billions.
   const int64_t effective_bundle = std::min(bundle_size, std::max<int64_t>(call.num_prompts, 1));
   call.params = mvar::Params<double>{n, effective_bundle, alpha, beta, w_low, w_high, eps,
-                                     parse_credit(credit), parse_quantile_mode(quantile_mode),
+                                     parse_choice("credit", credit, mvar::kCreditNames,
+                                                  mvar::kNumCredits),
+                                     parse_choice("quantile_mode", quantile_mode,
+                                                  mvar::kQuantileModeNames, mvar::kNumQuantileModes),
                                      normalize_std, natural_baseline};
   const at::ScalarType acc_type = accumulation_type(call.rewards);
   call.track_lo = scalar_argument("q_lo_track", q_lo_track, call.rewards, acc_type);

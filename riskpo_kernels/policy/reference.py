@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common import AGGREGATIONS
 from .token_loss import per_token_loss, weighted_sum
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def logprobs_and_entropy_reference(logits, tokens, temperature):

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import _validation as v
-from ..ops import accumulation_dtype
+from ..common import CREDITS, QUANTILE_MODES, accumulation_dtype
 from .reference import grpo_advantages_reference, mvar_advantages_reference
 
-CREDITS = ("uniform", "score", "std", "sum-mean")
-QUANTILE_MODES = ("batch", "track", "mix")
 
 
 @dataclass(frozen=True)

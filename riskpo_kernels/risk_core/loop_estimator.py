@@ -28,11 +28,9 @@ from collections import defaultdict
 
 import torch
 
-from ..ops import accumulation_dtype
+from ..common import CREDITS, QUANTILE_MODES, accumulation_dtype
 from .reference import STD_FLOOR, SUM_MEAN_FLOOR
 
-_CREDITS = ("uniform", "score", "std", "sum-mean")
-_QUANTILE_MODES = ("batch", "track", "mix")
 
 
 def mvar_advantages_loop(scores, index, bundle_size=5, alpha=0.2, beta=0.8, w_low=1.5,
@@ -54,10 +52,10 @@ def mvar_advantages_loop(scores, index, bundle_size=5, alpha=0.2, beta=0.8, w_lo
     float64 scores and float32 otherwise. A bundle whose scores are not all
     finite gets NaN advantages (as the reference does).
     """
-    if credit not in _CREDITS:
-        raise ValueError(f"credit must be one of {_CREDITS}; got {credit!r}")
-    if quantile_mode not in _QUANTILE_MODES:
-        raise ValueError(f"quantile_mode must be one of {_QUANTILE_MODES}; got {quantile_mode!r}")
+    if credit not in CREDITS:
+        raise ValueError(f"credit must be one of {CREDITS}; got {credit!r}")
+    if quantile_mode not in QUANTILE_MODES:
+        raise ValueError(f"quantile_mode must be one of {QUANTILE_MODES}; got {quantile_mode!r}")
     if isinstance(index, torch.Tensor):
         index = index.tolist()  # 0-d tensors hash by identity, not by value
     out_dtype = scores.dtype

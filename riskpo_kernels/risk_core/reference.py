@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import accumulation_dtype
+from ..common import accumulation_dtype
 
 STD_FLOOR = 1e-3        # a std at or below this counts as 1 (spec section 4, fix)
 SUM_MEAN_FLOOR = 1e-6   # sum-mean credit: |D| at or below this splits the paper evenly
