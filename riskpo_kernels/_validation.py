@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 
 import torch
-
-from . import _extension
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INT64_MAX = 2**63 - 1
@@ -185,33 +182,3 @@ def check_loss_scalars(clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef,
     entropy_coef = check_float("entropy_coef", entropy_coef, op=op)
     temperature = check_temperature(temperature, op=op)
     return clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature
-
-
-IMPLS = ("auto", "reference", "cpp", "cuda")
-_warned_no_cuda_kernel = False
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Maps ``impl`` to the implementation that will run on ``device``."""
-    global _warned_no_cuda_kernel
-    check_choice("impl", impl, IMPLS)
-    if impl == "auto":
-        if device.type == "cpu" and _extension.AVAILABLE:
-            return "cpp"
-        if device.type == "cuda" and _extension.WITH_CUDA:
-            return "cuda"
-        if device.type == "cuda" and _extension.AVAILABLE and not _warned_no_cuda_kernel:
-            _warned_no_cuda_kernel = True
-            warnings.warn("riskpo_kernels was built without CUDA; CUDA tensors use the reference "
-                          "implementation", RuntimeWarning, stacklevel=3)
-        return "reference"
-    if impl in ("cpp", "cuda"):
-        wanted = "cpu" if impl == "cpp" else "cuda"
-        if device.type != wanted:
-            raise ValueError(f"impl={impl!r} needs {wanted} tensors, got rewards on {device}")
-        if not _extension.AVAILABLE:
-            raise RuntimeError(f"impl={impl!r}: the compiled extension is not available "
-                               f"({_extension.LOAD_ERROR})")
-        if impl == "cuda" and not _extension.WITH_CUDA:
-            raise RuntimeError("impl='cuda': riskpo_kernels was built without CUDA kernels")
-    return impl

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import _extension
 from .. import _validation as v
+from .. import backends
 from .fused_linear import check_linear, default_chunk_size
 from .reference import (
     AGGREGATIONS,
@@ -15,9 +15,6 @@ from .reference import (
     logprobs_and_entropy_reference,
     token_policy_loss,
 )
-
-IMPLS = ("auto", "reference", "cpp", "triton")
-
 
 @dataclass(frozen=True)
 class PolicyLossOutput:
@@ -39,33 +36,10 @@ def _check_token_tensor(name, t, shape, device):
         raise ValueError(f"{name} is on {t.device} but logits is on {device}")
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve(impl, device):
-    """auto: Triton on CUDA, C++ on CPU, the reference where neither is built.
-    triton on CPU tensors runs under TRITON_INTERPRET=1 (how CI tests it)."""
-    v.check_choice("impl", impl, IMPLS)
-    if impl == "auto":
-        if device.type == "cpu" and _extension.AVAILABLE:
-            return "cpp"
-        if device.type == "cuda" and _triton_available():
-            return "triton"
-        return "reference"
-    if impl == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"impl='cpp' needs cpu tensors, got logits on {device}")
-        if not _extension.AVAILABLE:
-            raise RuntimeError(f"impl='cpp': the compiled extension is not available "
-                               f"({_extension.LOAD_ERROR})")
-    if impl == "triton" and not _triton_available():
-        raise RuntimeError("impl='triton': triton is not installed")
-    return impl
+    """auto: Triton on CUDA, C++ on CPU, the reference where neither is built
+    (backends.py)."""
+    return backends.resolve(impl, device, backends.POLICY, "logits")
 
 
 def _checked_tokens(tokens, B, T, V, device):
@@ -144,15 +118,13 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
     args = _check_loss_args(B, T, V, logits.device, tokens, mask, advantages, old_logprobs,
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
                             entropy_coef, temperature, agg)
-    impl = _resolve(impl, logits.device)
+    backend = _resolve(impl, logits.device)
 
     flat_logits, flat_tokens = logits.reshape(B * T, V), args.tokens.reshape(B * T)
-    if impl == "reference":
+    if backend.vocab is None:  # the reference: log_softmax, differentiated by autograd
         logprobs, entropy = logprobs_and_entropy_reference(flat_logits, flat_tokens, args.temperature)
     else:
-        vocab_op = (torch.ops.riskpo.token_logprob_entropy if impl == "cpp"
-                    else torch.ops.riskpo.token_logprob_entropy_triton)
-        logprobs, entropy, _ = vocab_op(flat_logits, flat_tokens, args.temperature)
+        logprobs, entropy, _ = backend.vocab.op("forward")(flat_logits, flat_tokens, args.temperature)
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     loss, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
                                       ref_logprobs, args.clip_low, args.clip_high,
@@ -188,8 +160,8 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
     args = _check_loss_args(B, T, V, hidden.device, tokens, mask, advantages, old_logprobs,
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
                             entropy_coef, temperature, agg)
-    impl = _resolve(impl, hidden.device)
-    if impl == "reference":
+    backend = _resolve(impl, hidden.device)
+    if backend.vocab is None:
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return policy_loss(logits, args.tokens, mask, advantages, old_logprobs=old_logprobs,
                            ref_logprobs=ref_logprobs, clip_low=args.clip_low,
@@ -209,7 +181,7 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
     loss, logprobs, entropy, *_ = torch.ops.riskpo.fused_linear_policy_loss(
         hidden.reshape(N, H), weight, bias, args.tokens.reshape(N), weights, A, old, ref,
         args.clip_low, args.clip_high, args.clip_ratio_c, args.kl_coef, args.entropy_coef,
-        args.temperature, chunk_size, impl)
+        args.temperature, chunk_size, backend.name)
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     with torch.no_grad():  # the metrics are cheap O(B*T) functions of the detached values
         _, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
@@ -241,12 +213,12 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
     N = B * T
     chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
                   else v.check_int("chunk_size", chunk_size, 1))
-    impl = _resolve(impl, hidden.device)
+    backend = _resolve(impl, hidden.device)
     flat_hidden, flat_tokens = hidden.reshape(N, H), tokens.reshape(N)
-    if impl == "reference":
+    if backend.vocab is None:
         logprobs, entropy = logprobs_and_entropy_reference(
             torch.nn.functional.linear(flat_hidden, weight, bias), flat_tokens, temperature)
     else:
         logprobs, entropy, _ = torch.ops.riskpo.fused_linear_logprob_entropy(
-            flat_hidden, weight, bias, flat_tokens, temperature, chunk_size, impl)
+            flat_hidden, weight, bias, flat_tokens, temperature, chunk_size, backend.name)
     return logprobs.view(B, T), entropy.view(B, T)

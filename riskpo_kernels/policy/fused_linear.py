@@ -1,5 +1,7 @@
-"""Fused linear policy loss: lm_head matmul, vocabulary kernels and gradient,
-chunk by chunk, so that peak extra memory is O(chunk_size * V), not O(N * V).
+"""The fused-linear ops: lm_head matmul, vocabulary kernels and gradient, chunk
+by chunk, so that peak extra memory is O(chunk_size * V), not O(N * V). The
+vocabulary kernels are those of the backend named by ``vocab_impl``
+(backends.py).
 
 The aggregation weights are known from the mask before any logit exists, so
 each chunk's gradient is finished in the forward pass (flash-attention's and
@@ -13,16 +15,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
+from .. import backends
 from .token_loss import token_loss_and_grads
-
-# Per-row vocabulary ops of each backend: forward (logprobs, entropy, lse) and backward.
-# (forward, backward, backward written over the logits) of each implementation.
-VOCAB_OPS = {
-    "cpp": ("token_logprob_entropy", "token_logprob_entropy_backward",
-            "token_logprob_entropy_backward_"),
-    "triton": ("token_logprob_entropy_triton", "token_logprob_entropy_triton_backward",
-               "token_logprob_entropy_triton_backward_"),
-}
 
 
 def default_chunk_size(num_rows: int, vocab: int, device: torch.device) -> int:
@@ -87,7 +81,7 @@ def _check_rows(op, hidden, weight, bias, tokens, temperature, chunk_size, vocab
     v.check_token_range(tokens, V, op=op)
     v.check_temperature(temperature, op=op)
     v.check_int("chunk_size", chunk_size, 1, op=op)
-    v.check_choice("vocab_impl", vocab_impl, tuple(VOCAB_OPS), op=op)
+    backends.vocab_ops(vocab_impl, op=op)
 
 
 class _Chunks:
@@ -95,9 +89,9 @@ class _Chunks:
     the accumulation of their gradient into d hidden, d weight and d bias."""
 
     def __init__(self, hidden, weight, bias, chunk_size, vocab_impl, with_grads):
-        forward_name, _, backward_in_place_name = VOCAB_OPS[vocab_impl]
-        self.vocab_forward = getattr(torch.ops.riskpo, forward_name)
-        self.vocab_backward_in_place = getattr(torch.ops.riskpo, backward_in_place_name)
+        vocab = backends.vocab_ops(vocab_impl)
+        self.vocab_forward = vocab.op("forward")
+        self.vocab_backward_in_place = vocab.op("backward_in_place")
         self.hidden, self.weight, self.bias, self.chunk_size = hidden, weight, bias, chunk_size
         self.acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         if with_grads:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import _validation as v
+from .. import backends
 from ..common import CREDITS, QUANTILE_MODES, accumulation_dtype
-from .reference import grpo_advantages_reference, mvar_advantages_reference
 
 
 
@@ -119,7 +119,7 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     natural_baseline = v.check_bool("natural_baseline", natural_baseline)
     if (q_lo is None) != (q_hi is None):
         raise ValueError("q_lo and q_hi must be given together (or both None for batch quantiles)")
-    impl = v.resolve_impl(impl, flat.device)
+    backend = backends.resolve(impl, flat.device, backends.RISK_CORE, "rewards")
 
     acc = accumulation_dtype(flat.dtype)
     if quantile_mode == "batch":  # tracked values are not read: skip their conversion
@@ -132,8 +132,7 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     base_low_t = None if isinstance(base_low, (int, float)) and base_low == 0 else \
         _scalar_tensor("base_low", base_low, flat, acc)
 
-    fn = mvar_advantages_reference if impl == "reference" else torch.ops.riskpo.mvar_advantages
-    out = MVaRResult(*fn(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t,
+    out = MVaRResult(*backend.mvar_advantages(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t,
                          q_hi_t, credit, normalize_std, natural_baseline, base_mid_t, base_low_t,
                          eps))
     if magnitude is not None and magnitude * bundle_size > torch.finfo(acc).max \
@@ -160,6 +159,5 @@ def grpo_advantages(rewards, group_size=None, normalize_std=True, eps=1e-6, impl
     flat, n, _ = _flat_rewards(rewards, group_size)
     eps = v.check_float("eps", eps, minimum=0.0)
     normalize_std = v.check_bool("normalize_std", normalize_std)
-    impl = v.resolve_impl(impl, flat.device)
-    fn = grpo_advantages_reference if impl == "reference" else torch.ops.riskpo.grpo_advantages
-    return fn(flat, n, normalize_std, eps)
+    backend = backends.resolve(impl, flat.device, backends.RISK_CORE, "rewards")
+    return backend.grpo_advantages(flat, n, normalize_std, eps)
