@@ -1,8 +1,11 @@
-"""Schemas of every ``torch.ops.riskpo.*`` op, in one place, each with its fake.
+"""Schemas of every ``torch.ops.riskpo.*`` op, in one place, each with its fake
+(shapes and dtypes only) and, for the differentiable ones, its autograd formula.
 
-The C++/CUDA kernels (``csrc/``) only register implementations for these
-schemas, so the ops exist (and trace under ``torch.compile``) even when the
-compiled extension is missing. Fakes compute output shapes and dtypes only.
+Implementations register themselves beside their kernels, for these schemas:
+the C++/CUDA kernels in ``csrc/*/*_api.cpp`` (so the ops exist, and trace under
+``torch.compile``, even when the extension is missing), the fused-linear ops in
+``policy/fused_linear.py`` and the Triton ops in ``policy/triton_ops.py``. This
+module imports none of them: importing it defines the ops and nothing else.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 
 from .common import accumulation_dtype
 
-_LIBRARY = torch.library.Library("riskpo", "DEF")
+LIBRARY = torch.library.Library("riskpo", "DEF")
 
 SCHEMAS = {
     # Mixed-VaR bundle advantages (RISKPO_SPEC.md sections 2-5). rewards: (P * n,).
@@ -73,7 +76,7 @@ SCHEMAS = {
 }
 
 for _name, _schema in SCHEMAS.items():
-    _LIBRARY.define(_name + _schema)
+    LIBRARY.define(_name + _schema)
 
 
 def _check_fake_devices(op: str, primary_name: str, primary: torch.Tensor, **others) -> None:
@@ -146,21 +149,6 @@ def _token_logprob_entropy_backward_inplace_fake(grad_logprobs, grad_entropy, lo
     return None
 
 
-def _fused_linear_policy_loss_impl(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
-                                   ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
-                                   entropy_coef, temperature, chunk_size, vocab_impl):
-    from .policy.fused_linear import fused_linear_policy_loss_forward
-
-    return fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, advantages,
-                                            old_logprobs, ref_logprobs, clip_low, clip_high,
-                                            clip_ratio_c, kl_coef, entropy_coef, temperature,
-                                            chunk_size, vocab_impl)
-
-
-# One Python implementation for every device: it composes the per-device ops.
-_LIBRARY.impl("fused_linear_policy_loss", _fused_linear_policy_loss_impl, "CompositeExplicitAutograd")
-
-
 @torch.library.register_fake("riskpo::fused_linear_policy_loss")
 def _fused_linear_policy_loss_fake(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
                                    ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
@@ -200,30 +188,6 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
 
 torch.library.register_autograd("riskpo::fused_linear_policy_loss", _fused_linear_backward,
                                 setup_context=_fused_linear_setup)
-
-
-def _fused_linear_logprob_entropy_impl(hidden, weight, bias, tokens, temperature, chunk_size,
-                                       vocab_impl):
-    from .policy.fused_linear import fused_linear_logprob_entropy_forward
-
-    return fused_linear_logprob_entropy_forward(hidden, weight, bias, tokens, temperature,
-                                                chunk_size, vocab_impl)
-
-
-def _fused_linear_logprob_entropy_backward_impl(grad_logprobs, grad_entropy, hidden, weight, bias,
-                                                tokens, lse, entropy, temperature, chunk_size,
-                                                vocab_impl):
-    from .policy.fused_linear import fused_linear_logprob_entropy_backward
-
-    return fused_linear_logprob_entropy_backward(grad_logprobs, grad_entropy, hidden, weight,
-                                                 bias, tokens, lse, entropy, temperature,
-                                                 chunk_size, vocab_impl)
-
-
-_LIBRARY.impl("fused_linear_logprob_entropy", _fused_linear_logprob_entropy_impl,
-              "CompositeExplicitAutograd")
-_LIBRARY.impl("fused_linear_logprob_entropy_backward", _fused_linear_logprob_entropy_backward_impl,
-              "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("riskpo::fused_linear_logprob_entropy")
@@ -303,19 +267,12 @@ torch.library.register_autograd("riskpo::token_logprob_entropy",
                                 setup_context=_token_logprob_entropy_setup)
 
 
-# ============================================================================
-# Triton implementations of the policy-loss vocabulary ops (section 8).
-#
-# Ops of their own rather than a CUDA kernel behind token_logprob_entropy: the
-# C++ op keeps its CPU kernel, and the Triton one can be chosen (and tested on
-# the CPU under TRITON_INTERPRET=1) next to it. A CompositeExplicitAutograd
-# implementation serves every device; the op is opaque to torch.compile, which
-# traces it with the fake and calls it at run time, so it compiles even under
-# the interpreter (torch.library.triton_op / wrap_triton cannot be traced there).
-# triton is imported on the first call only: importing riskpo_kernels neither
-# imports triton nor queries a device.
-# ============================================================================
-
+# The Triton vocabulary ops (section 8): ops of their own rather than a CUDA
+# kernel behind token_logprob_entropy, so that the C++ op keeps its CPU kernel
+# and the Triton one can be chosen (and tested on the CPU under
+# TRITON_INTERPRET=1) next to it. Their implementation (policy/triton_ops.py)
+# serves every device and is opaque to torch.compile, which traces these
+# fakes and calls it at run time.
 TRITON_SCHEMAS = {
     # Same contract as token_logprob_entropy. logits: (N, V) on CUDA (or the CPU
     # under TRITON_INTERPRET=1), tokens: (N,) int64.
@@ -327,38 +284,10 @@ TRITON_SCHEMAS = {
 }
 
 for _name, _schema in TRITON_SCHEMAS.items():
-    _LIBRARY.define(_name + _schema)
+    LIBRARY.define(_name + _schema)
 SCHEMAS.update(TRITON_SCHEMAS)
 
 
-def _token_logprob_entropy_triton_impl(logits, tokens, temperature):
-    from .policy.triton_kernels import logprob_entropy_triton
-
-    return logprob_entropy_triton(logits, tokens, temperature)
-
-
-def _token_logprob_entropy_triton_backward_impl(grad_logprobs, grad_entropy, logits, tokens, lse,
-                                                entropy, temperature):
-    from .policy.triton_kernels import logprob_entropy_backward_triton
-
-    return logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
-                                           temperature)
-
-
-def _token_logprob_entropy_triton_backward_inplace_impl(grad_logprobs, grad_entropy, logits,
-                                                        tokens, lse, entropy, temperature):
-    from .policy.triton_kernels import logprob_entropy_backward_triton
-
-    logprob_entropy_backward_triton(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
-                                    temperature, in_place=True)
-
-
-_LIBRARY.impl("token_logprob_entropy_triton", _token_logprob_entropy_triton_impl,
-              "CompositeExplicitAutograd")
-_LIBRARY.impl("token_logprob_entropy_triton_backward_",
-              _token_logprob_entropy_triton_backward_inplace_impl, "CompositeExplicitAutograd")
-_LIBRARY.impl("token_logprob_entropy_triton_backward", _token_logprob_entropy_triton_backward_impl,
-              "CompositeExplicitAutograd")
 torch.library.register_fake("riskpo::token_logprob_entropy_triton", _token_logprob_entropy_fake)
 torch.library.register_fake("riskpo::token_logprob_entropy_triton_backward",
                             _token_logprob_entropy_backward_fake)

@@ -1,5 +1,7 @@
 """Token-level policy loss of RiskPO and GRPO (RISKPO_SPEC.md section 8)."""
 
+from . import triton_ops  # noqa: F401  (registers the Triton ops; triton loads on first call)
+
 from .api import (
                         PolicyLossOutput,
                         fused_linear_logprobs,

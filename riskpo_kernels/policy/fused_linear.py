@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
-from .. import backends
+from .. import backends, ops
 from .token_loss import token_loss_and_grads
 
 
@@ -204,3 +204,12 @@ def fused_linear_logprob_entropy_backward(grad_logprobs, grad_entropy, hidden, w
                             grad_logprobs[rows].to(acc), grad_entropy[rows].to(acc),
                             lse[rows].to(acc), entropy[rows].to(acc), temperature)
     return chunks.grads()
+
+
+# One Python implementation for every device (it composes the backend's
+# per-device ops); schemas, fakes and autograd formulas are in ops.py.
+for _name, _implementation in (
+        ("fused_linear_policy_loss", fused_linear_policy_loss_forward),
+        ("fused_linear_logprob_entropy", fused_linear_logprob_entropy_forward),
+        ("fused_linear_logprob_entropy_backward", fused_linear_logprob_entropy_backward)):
+    ops.LIBRARY.impl(_name, _implementation, "CompositeExplicitAutograd")
