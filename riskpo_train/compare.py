@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import read_records
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -57,34 +59,6 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def read_records(path: Path) -> list[dict]:
-    """Every record of a metrics.jsonl, in file order; [] when there is no file.
-
-    A last line that does not parse is dropped (the run was killed mid-write);
-    a malformed line anywhere else is an error naming the file and the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    # Lines are decoded one by one so that a multi-byte character cut off by a
-    # kill only spoils the last line, which is then dropped like any partial line.
-    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1)
-             if raw.strip()]
-    records: list[dict] = []
-    for i, (lineno, raw) in enumerate(lines):
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            problem = None if isinstance(record, dict) else "not a JSON object"
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
-            problem = str(exc)
-        if problem is not None:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{lineno}: malformed record: {problem}")
-        records.append(record)
-    return records
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:

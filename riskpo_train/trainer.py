@@ -17,7 +17,6 @@ One step, as ``rl_step`` runs it:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -33,10 +32,13 @@ import riskpo_kernels as rk
 from riskpo_kernels.riskpo_loss import tracked_inputs
 
 from . import data as data_lib
-from .compare import read_records
+from .checkpoint import CHECKPOINT, RESUMABLE_CHANGES, brief, read_checkpoint
 from .config import TrainConfig
 from .distributed import (DistContext, init_distributed, launched_by_torchrun, shard_policy,
                           shutdown)
+from .files import (atomic_torch_save, atomic_write_text, keep_records_up_to,
+                    remove_stale_temporaries)
+from .metrics import MetricsWriter, summarise
 from .model import (
     build_char_tokenizer,
     build_tiny_model,
@@ -46,22 +48,11 @@ from .model import (
 from .policy import Policy
 from .rollout import Rollout, check_prompt_lengths, pass_at_k, sample
 from .task import ArithmeticTask
+from .update import rollout_logprobs, update
 from .warmup import cached_model_dir, supervised_warmup
 
-CHECKPOINT = "checkpoint.pt"
-# Settings that may change between a run and its resumption. out and
-# warmup_cache are places, not settings: a run directory (or the cache) that
-# was moved resumes from its new place. (The warm-up cache is keyed by every
-# setting its weights depend on, and those settings must not change.)
-RESUMABLE_CHANGES = {"resume", "rl_steps", "progress", "save_every", "device", "out",
-                     "warmup_cache"}
-# What a checkpoint holds, with the types each entry must have.
-CHECKPOINT_ENTRIES = {"step": int, "config": dict, "model": dict, "optimizer": dict,
-                      "tracker": (dict, type(None)), "rng": dict}
 # The files a run writes through a temporary sibling (NAME.tmp-PID) and a rename.
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "summary.json", "config.json")
-# Per-step record fields that measure the machine, not the training.
-TIMING_FIELDS = ("tokens_per_s", "step_s")
 
 
 def derived_seed(*parts) -> int:
@@ -73,104 +64,6 @@ def derived_seed(*parts) -> int:
 def log(ctx: DistContext, message: str) -> None:
     if ctx.is_main:
         print(message, file=sys.stderr, flush=True)
-
-
-def loss_normaliser(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """What the aggregation divides by, for a batch with this response mask:
-    summed over micro-batches and ranks it gives the minibatch's divisor."""
-    if agg == "token-mean":
-        return mask.sum(dtype=torch.float64)
-    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device)
-    return torch.tensor(1.0, dtype=torch.float64, device=mask.device)  # sum over T_max
-
-
-def loss_share(mask: torch.Tensor, agg: str, global_normaliser: torch.Tensor) -> torch.Tensor:
-    """The factor that turns the fused loss of one micro-batch into its share of
-    the minibatch loss. ``seq-mean-token-sum-norm`` divides by the padded length,
-    the same in every micro-batch, so its micro-batch losses simply add up."""
-    if agg == "seq-mean-token-sum-norm":
-        return torch.tensor(1.0, dtype=torch.float64, device=mask.device)
-    local = loss_normaliser(mask, agg)
-    return local / global_normaliser.clamp(min=1.0)
-
-
-def loss_options(cfg: TrainConfig) -> dict:
-    return {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "clip_ratio_c": cfg.clip_ratio_c,
-            "kl_coef": cfg.kl_coef, "entropy_coef": cfg.entropy_coef, "agg": cfg.loss_agg}
-
-
-def micro_batches(rows: int, size: int):
-    size = rows if size <= 0 else size
-    for start in range(0, rows, size):
-        yield slice(start, min(start + size, rows))
-
-
-@torch.no_grad()
-def rollout_logprobs(policy, batch: Rollout, micro_batch_size: int) -> tuple:
-    """(logprobs, entropy): (B, Tr) float32 of the responses under ``policy``."""
-    lps, ents = [], []
-    for rows in micro_batches(batch.response.shape[0], micro_batch_size):
-        lp, ent = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows])
-        lps.append(lp)
-        ents.append(ent)
-    return torch.cat(lps), torch.cat(ents)
-
-
-def gradient_norm_and_clip(params, max_norm: float) -> torch.Tensor:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-        norm = norm.full_tensor()
-    return norm.detach().float()
-
-
-def update(policy, optimizer, batch: Rollout, advantages, old_logprobs, ref_logprobs,
-           cfg: TrainConfig, ctx: DistContext) -> dict:
-    """One optimizer step on this rank's rows of a minibatch.
-
-    The fused loss of each micro-batch is scaled by its share of the minibatch's
-    normaliser (all-reduced over ranks) and by ``world``, because FSDP averages
-    gradients over ranks: the gradient is then exactly that of the loss of the
-    whole minibatch, however it is split. A non-finite loss or gradient norm
-    skips the step (the weights stay as they were) and is counted.
-
-    Returns floats: loss, grad_norm, skipped (0/1), and token-weighted sums of
-    clipfrac, clipfrac_lower, approx_kl, kl with their weight ``tokens``.
-    """
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    global_norm = ctx.all_reduce_sum(loss_normaliser(batch.response_mask, cfg.loss_agg))
-    options = loss_options(cfg)
-    device = batch.response.device
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, tokens, 4 metrics
-    parts = list(micro_batches(batch.response.shape[0], cfg.micro_batch_size))
-    for index, rows in enumerate(parts):
-        if hasattr(policy, "set_requires_gradient_sync"):
-            # FSDP: accumulate unsharded gradients locally, reduce-scatter once
-            # after the last micro-batch (every rank has as many micro-batches).
-            policy.set_requires_gradient_sync(index == len(parts) - 1)
-        mask = batch.response_mask[rows]
-        share = loss_share(mask, cfg.loss_agg, global_norm)
-        loss, _, _, metrics = policy(
-            batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows], mask,
-            advantages[rows], old_logprobs[rows],
-            None if ref_logprobs is None else ref_logprobs[rows], loss_options=options)
-        (loss * (share * ctx.world).to(loss.dtype)).backward()
-        tokens = mask.sum(dtype=torch.float64)
-        sums += torch.stack([loss.detach().double() * share, tokens,
-                             metrics["clipfrac"].double() * tokens,
-                             metrics["clipfrac_lower"].double() * tokens,
-                             metrics["approx_kl"].double() * tokens,
-                             metrics.get("kl", torch.zeros((), device=device)).double() * tokens])
-    ctx.all_reduce_sum(sums)
-    grad_norm = gradient_norm_and_clip(params, cfg.max_grad_norm)
-    finite = bool(torch.isfinite(sums[0]).item() and torch.isfinite(grad_norm).item())
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": sums[0].item(), "grad_norm": grad_norm.item(), "skipped": 0.0 if finite else 1.0,
-            "tokens": sums[1].item(), "clipfrac": sums[2].item(), "clipfrac_lower": sums[3].item(),
-            "approx_kl": sums[4].item(), "kl": sums[5].item()}
 
 
 class Trainer:
@@ -490,7 +383,7 @@ class Trainer:
                            options=StateDictOptions(full_state_dict=True))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"--resume: {path}: its model or optimizer state does not fit this "
-                             f"run's model: {_brief(exc)}") from exc
+                             f"run's model: {brief(exc)}") from exc
         try:
             if self.tracker is not None:
                 self.tracker.load_state_dict(state["tracker"])
@@ -500,7 +393,7 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"--resume: {path}: malformed tracker or random-generator state: "
-                             f"{_brief(exc)}") from exc
+                             f"{brief(exc)}") from exc
         return state["step"]
 
     def save_final_model(self) -> None:
@@ -578,164 +471,6 @@ def end_of_sequence_ids(lm, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the model and its tokenizer define no end-of-sequence token")
     return sorted(set(ids))
-
-
-class MetricsWriter:
-    """metrics.jsonl lines (flushed per record) and TensorBoard scalars when
-    TensorBoard is installed; only rank 0 writes."""
-
-    def __init__(self, path: Path, out: Path, enabled: bool):
-        self.file = open(path, "a") if enabled else None
-        self.board = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.board = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                self.board = None
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.board is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.board is not None:
-            self.board.close()
-
-
-def keep_records_up_to(path: Path, step: int) -> None:
-    """Drop records of steps after ``step``: a resumed run rewrites them."""
-    if not path.exists():
-        return
-    kept = [r for r in read_records(path) if r.get("step", 0) <= step] if step else []
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def summarise(metrics_path: Path, cfg: TrainConfig, wall_s: float) -> dict:
-    records = read_records(metrics_path)
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    return {
-        "algo": cfg.algo, "seed": cfg.seed, "steps": train[-1]["step"] if train else 0,
-        "final_eval": evals[-1] if evals else None, "first_eval": evals[0] if evals else None,
-        "final_train": train[-1] if train else None,
-        "skipped_updates": sum(r.get("skipped_updates", 0) for r in train),
-        "reward_errors": sum(r.get("reward_errors", 0) for r in train),
-        "wall_s": wall_s,
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-    }
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The checkpoint at ``path``, checked to hold what :meth:`Trainer.save_checkpoint`
-    writes (tensors and plain data only: ``weights_only`` loading runs no code).
-    FileNotFoundError or ValueError naming the file and what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (pickle, zip and EOF errors alike)
-        raise ValueError(f"--resume: {path} is not a readable checkpoint (truncated, corrupted, "
-                         f"or not written by riskpo-train): {type(exc).__name__}: "
-                         f"{_brief(exc)}") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"--resume: {path} is not a riskpo-train checkpoint: it holds a "
-                         f"{type(state).__name__}, not a dict")
-    missing = [key for key in CHECKPOINT_ENTRIES if key not in state]
-    if missing:
-        raise ValueError(f"--resume: {path} is not a riskpo-train checkpoint: it lacks "
-                         f"{', '.join(missing)}")
-    for key, typ in CHECKPOINT_ENTRIES.items():
-        if not isinstance(state[key], typ) or isinstance(state[key], bool):
-            raise ValueError(f"--resume: {path}: malformed entry {key!r} "
-                             f"({type(state[key]).__name__})")
-    if state["step"] < 0:
-        raise ValueError(f"--resume: {path}: negative step {state['step']}")
-    missing = [key for key in ("torch", "python", "cuda") if key not in state["rng"]]
-    if missing:
-        raise ValueError(f"--resume: {path}: the random-generator state lacks "
-                         f"{', '.join(missing)}")
-    return state
-
-
-def _brief(exc: BaseException) -> str:
-    """An exception's message on one line, shortened; for a refused
-    weights-only load, only what was refused (not torch's advice to load the
-    file with weights_only=False, which would run whatever code it holds)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    refused = text.find("WeightsUnpickler error:")
-    if refused >= 0:
-        text = ("it holds objects other than tensors and plain data ("
-                + text[refused + len("WeightsUnpickler error:"):].strip().split(". ")[0] + ")")
-    text = text or "(no message)"
-    return text if len(text) <= 300 else text[:300] + "..."
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete ``path``'s temporary siblings (``NAME.tmp-PID``) that an earlier
-    save, killed before its rename, left behind. They are never read: only
-    ``path`` itself is. A file whose PID is another live process is left
-    alone: that process may be writing it."""
-    for tmp in Path(path).parent.glob(glob.escape(Path(path).name) + ".tmp-*"):
-        pid = tmp.name.rpartition(".tmp-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_exists(int(pid)):
-            continue
-        if tmp.is_file() or tmp.is_symlink():
-            tmp.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except PermissionError:
-        return True  # another user's process
-    except (ProcessLookupError, OverflowError):
-        return False
-    return True
-
-
-def _atomic_write(path: Path, mode: str, write) -> None:
-    """``write(file)`` into a temporary sibling, fsync, rename over ``path``,
-    fsync the directory: ``path`` is always whole, the old or the new version.
-    Temporary files of earlier, killed writes are removed first."""
-    remove_stale_temporaries(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` through :func:`_atomic_write`: a process killed mid-save
-    leaves the previous checkpoint whole."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -17,7 +17,7 @@ from riskpo_train.distributed import init_distributed, shard_policy, shutdown
 from riskpo_train.model import build_char_tokenizer, build_tiny_model
 from riskpo_train.policy import Policy
 from riskpo_train.rollout import Rollout
-from riskpo_train.trainer import update
+from riskpo_train.update import update
 
 
 def fixed_rollout(vocab: int, rows: int = 8, prompt_len: int = 5, response_len: int = 6):

@@ -23,8 +23,9 @@ from riskpo_train.compare import main as compare_main  # noqa: E402
 from riskpo_train.config import OptionError, TrainConfig, load_yaml, parse_config  # noqa: E402
 from riskpo_train.data import load_examples, split_examples  # noqa: E402
 from riskpo_train.distributed import DistContext  # noqa: E402
-from riskpo_train.trainer import (CHECKPOINT, Trainer, atomic_torch_save,  # noqa: E402
-                                  read_checkpoint, read_records)
+from riskpo_train.checkpoint import CHECKPOINT, read_checkpoint  # noqa: E402
+from riskpo_train.files import atomic_torch_save, read_records  # noqa: E402
+from riskpo_train.trainer import Trainer  # noqa: E402
 
 
 def _flag(name: str) -> str:

@@ -23,8 +23,11 @@ from riskpo_train.distributed import DistContext  # noqa: E402
 from riskpo_train.model import build_char_tokenizer, build_tiny_model, save_model_dir  # noqa: E402
 from riskpo_train.policy import Policy  # noqa: E402
 from riskpo_train.rollout import Rollout, cut_at_eos, encode_prompts, pass_at_k  # noqa: E402
-from riskpo_train.trainer import (CHECKPOINT, TIMING_FIELDS, Trainer, atomic_torch_save,  # noqa: E402
-                                  read_records, update)
+from riskpo_train.checkpoint import CHECKPOINT  # noqa: E402
+from riskpo_train.files import atomic_torch_save, read_records  # noqa: E402
+from riskpo_train.metrics import TIMING_FIELDS  # noqa: E402
+from riskpo_train.trainer import Trainer  # noqa: E402
+from riskpo_train.update import update  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +120,7 @@ def test_a_new_run_refuses_an_existing_run_and_resume_refuses_changed_options(tm
 KILL_MID_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
-from riskpo_train.trainer import atomic_torch_save
+from riskpo_train.files import atomic_torch_save
 
 class DiesWhilePickled:
     def __reduce__(self):
