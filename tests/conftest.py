@@ -184,3 +184,38 @@ def check_fused_logprob_gradients(impl, dtype, with_bias, device="cpu", chunk_si
             assert err < 2e-2, f"{name}: relative error {err:.2e}"
         else:
             assert_close_for(got, want, dtype, msg=name)
+
+
+def check_inplace_backward(impl, device="cpu"):
+    """rk.policy_loss(inplace_backward=True): the same loss and gradients as the
+    default, the gradient written over the caller's logits (no (N, V) buffer of
+    its own), and the default never writing them."""
+    import riskpo_kernels as rk
+
+    g = torch.Generator().manual_seed(17)
+    B, T, V = 3, 4, 37
+    logits = torch.randn(B, T, V, generator=g).to(device)
+    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    old = (torch.randn(B, T, generator=g) - 3).to(device)
+    kwargs = dict(old_logprobs=old, entropy_coef=0.01, temperature=0.8, impl=impl)
+    default = logits.clone().requires_grad_()
+    want = rk.policy_loss(default, tokens, mask, adv, **kwargs)
+    want.loss.backward()
+    assert torch.equal(default.detach(), logits), "the default wrote the caller's logits"
+    overwritten = logits.clone().requires_grad_()
+    got = rk.policy_loss(overwritten, tokens, mask, adv, inplace_backward=True, **kwargs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    got.loss.backward()
+    torch.testing.assert_close(overwritten.grad, default.grad, rtol=0, atol=0)
+    assert overwritten.grad.data_ptr() == overwritten.data_ptr(), "the gradient has a buffer of its own"
+    # Through a matmul, as a trainer uses it: the lm_head's gradient is unchanged.
+    hidden = torch.randn(B, T, 8, generator=g).to(device)
+    weights = []
+    for inplace in (False, True):
+        w = torch.randn(V, 8, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+        rk.policy_loss(hidden @ w.t(), tokens, mask, adv, inplace_backward=inplace,
+                       **kwargs).loss.backward()
+        weights.append(w.grad)
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch
 import riskpo_kernels as rk
 from riskpo_kernels.policy import AGGREGATIONS, logprobs_and_entropy_reference
 
-from conftest import assert_close_for, assert_compiled_matches_eager
+from conftest import assert_close_for, assert_compiled_matches_eager, check_inplace_backward
 
 LOGIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -165,6 +165,18 @@ def test_nan_logits_are_reported_unless_masked(impl):
     assert torch.isfinite(masked.loss) and all(torch.isfinite(m) for m in masked.metrics.values())
     unmasked = rk.policy_loss(logits, tokens, torch.ones(1, 3), torch.tensor([1.0]), impl=impl)
     assert torch.isnan(unmasked.loss) and torch.isnan(unmasked.logprobs[0, 1])
+
+
+def test_inplace_backward_writes_the_gradient_over_the_logits(cpp_available):
+    check_inplace_backward("cpp")
+
+
+def test_inplace_backward_refuses_what_it_cannot_overwrite(cpp_available):
+    args = (torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.ones(2))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        rk.policy_loss(torch.randn(2, 5, 3).transpose(1, 2), *args, inplace_backward=True)
+    with pytest.raises(ValueError, match="inplace_backward must be True or False"):
+        rk.policy_loss(torch.randn(2, 3, 5), *args, inplace_backward="yes")
 
 
 def test_input_logits_are_not_modified(cpp_available):

@@ -23,7 +23,8 @@ import torch
 
 from riskpo_kernels.policy import logprobs_and_entropy_reference
 
-from conftest import assert_close_for, assert_compiled_matches_eager, check_fused_logprob_gradients
+from conftest import (assert_close_for, assert_compiled_matches_eager, check_fused_logprob_gradients,
+                      check_inplace_backward)
 
 # CI runs plain `pytest` on CPU-only machines, where the kernels can only run
 # under Triton's interpreter. triton.jit reads TRITON_INTERPRET when it
@@ -454,3 +455,7 @@ def test_differentiable_fused_linear_logprobs(tk, device, dtype, with_bias):
     # rk.fused_linear_logprobs on the Triton kernels: values and gradients
     # against autograd through the materialised logits.
     check_fused_logprob_gradients("triton", dtype, with_bias, device=device)
+
+
+def test_inplace_backward_writes_the_gradient_over_the_logits(tk, device):
+    check_inplace_backward("triton", device)

@@ -89,9 +89,33 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
     return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
 
 
+class _GradientOverLogits(torch.autograd.Function):
+    """A backend's vocabulary forward whose backward writes d loss / d logits over
+    the logits themselves and hands them on as the gradient: no (N, V) buffer of
+    its own (``policy_loss(inplace_backward=True)``; Liger's default)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, vocab):
+        logprobs, entropy, lse = vocab.op("forward")(logits, tokens, temperature)
+        ctx.save_for_backward(logits, tokens, lse, entropy)
+        ctx.temperature, ctx.vocab = temperature, vocab
+        ctx.mark_non_differentiable(lse)
+        return logprobs, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs
+        grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
+        ctx.vocab.op("backward_in_place")(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                          ctx.temperature)
+        return logits, None, None, None
+
+
 def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logprobs=None,
                 clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
-                temperature=1.0, agg="token-mean", impl="auto") -> PolicyLossOutput:
+                temperature=1.0, agg="token-mean", impl="auto",
+                inplace_backward=False) -> PolicyLossOutput:
     """PPO-clip policy loss of RiskPO / GRPO (RISKPO_SPEC.md section 8), per token::
 
         logp  = log_softmax(logits / T)[y],   H = entropy(softmax(logits / T))
@@ -107,7 +131,12 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
     float; advantages: (B,) or (B, T); old_logprobs, ref_logprobs: (B, T) or None.
     The vocabulary-sized work runs in one pass forward and one backward
     (``impl="triton"`` on CUDA, ``"cpp"`` on CPU; ``"auto"`` picks by device);
-    nothing of size B*T*V is saved for backward.
+    nothing of size B*T*V is saved for backward, and the logits are never
+    written, unless ``inplace_backward=True``: then the backward writes the
+    gradient over the caller's (contiguous) logits and hands them on as their
+    gradient, saving one (B, T, V) buffer. Opt in only when nothing else reads
+    those logits after the loss (their values become the gradient; autograd
+    raises if another op saved them for its backward).
     """
     v.check_tensor("logits", logits, dtypes="float")
     if logits.dim() != 3:
@@ -119,10 +148,17 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
                             entropy_coef, temperature, agg)
     backend = _resolve(impl, logits.device)
+    inplace_backward = v.check_bool("inplace_backward", inplace_backward)
+    if inplace_backward and not logits.is_contiguous():
+        raise ValueError("inplace_backward=True writes the gradient over logits, which must be "
+                         f"contiguous; got strides {logits.stride()}")
 
     flat_logits, flat_tokens = logits.reshape(B * T, V), args.tokens.reshape(B * T)
     if backend.vocab is None:  # the reference: log_softmax, differentiated by autograd
         logprobs, entropy = logprobs_and_entropy_reference(flat_logits, flat_tokens, args.temperature)
+    elif inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+        logprobs, entropy, _ = _GradientOverLogits.apply(flat_logits, flat_tokens, args.temperature,
+                                                         backend.vocab)
     else:
         logprobs, entropy, _ = backend.vocab.op("forward")(flat_logits, flat_tokens, args.temperature)
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
