@@ -7,9 +7,17 @@ Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
   riskpo logits        materialised logits, then rk.policy_loss (one vocabulary
                        pass forward, one backward, nothing (N, V) saved)
   riskpo fused-linear  rk.fused_linear_policy_loss: chunked, gradient in forward
+  riskpo logits in-place  the same with inplace_backward=True (the gradient
+                       written over the logits, as Liger's Triton loss does)
   liger fused-linear   liger_kernel's LigerFusedLinearGRPOLoss, when installed
+                       (its default: torch.compile'd chunks), and
+  liger fused-linear eager  the same with compiled=False
   liger triton grpo    liger_kernel's triton_grpo_loss on materialised logits (its
                        default in-place backward), when installed, CUDA only
+  cce + riskpo ppo     cut-cross-entropy's linear_cross_entropy (per-token NLL,
+                       logits never materialised; its default gradient filtering)
+                       and the PPO loss on top, when installed, CUDA only; no
+                       entropy (the other methods' entropy coefficient is 0 too)
   three matmuls        hidden @ W.T, dlogits @ W, dlogits.T @ hidden: the floor
                        of any implementation that computes the logits
 
@@ -57,9 +65,11 @@ CUDA_SIZES = [(t, h, 151936) for t in (4096, 16384) for h in (1536, 4096)]
 CSV_DEFAULT = REPO / "benchmarks" / "results" / "policy_loss.csv"
 CSV_COLUMNS = ["timestamp", "commit", "device", "torch", "python", "method", "tokens", "H", "V",
                "dtype", "median_ms", "best_ms", "peak_extra_mib", "vs_plain", "vs_matmuls"]
-PLAIN, LOGITS, FUSED, LIGER, LIGER_TRITON, MATMULS = (
-    "plain GRPO loss", "riskpo logits", "riskpo fused-linear", "liger fused-linear",
-    "liger triton grpo", "three matmuls")
+PLAIN, LOGITS, LOGITS_INPLACE, FUSED, LIGER, LIGER_EAGER, LIGER_TRITON, CCE, MATMULS = (
+    "plain GRPO loss", "riskpo logits", "riskpo logits in-place", "riskpo fused-linear",
+    "liger fused-linear", "liger fused-linear eager", "liger triton grpo", "cce + riskpo ppo",
+    "three matmuls")
+PEERS = (LIGER, LIGER_EAGER, LIGER_TRITON, CCE)
 
 
 def make_inputs(tokens, H, V, dtype, device, seed=0):
@@ -93,16 +103,22 @@ def method_fn(name, x):
             h, w = leaves()
             rk.policy_loss(h @ w.t(), x["tokens"], x["mask"], x["advantages"],
                            old_logprobs=x["old_logprobs"]).loss.backward()
+    elif name == LOGITS_INPLACE:
+        def run():
+            h, w = leaves()
+            rk.policy_loss(h @ w.t(), x["tokens"], x["mask"], x["advantages"],
+                           old_logprobs=x["old_logprobs"], inplace_backward=True).loss.backward()
     elif name == FUSED:
         def run():
             h, w = leaves()
             rk.fused_linear_policy_loss(h, w, x["tokens"], x["mask"], x["advantages"],
                                         old_logprobs=x["old_logprobs"]).loss.backward()
-    elif name == LIGER:
+    elif name in (LIGER, LIGER_EAGER):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         # Token-mean loss (Liger's "bnpo"), no KL term: the same loss as the others.
-        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo")
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo",
+                                         compiled=name == LIGER)
 
         def run():
             h, w = leaves()
@@ -121,6 +137,17 @@ def method_fn(name, x):
                                        beta=0.0, eps_low=0.2, eps_high=0.2, loss_type="bnpo",
                                        reduce=True)
             loss.backward()
+    elif name == CCE:
+        from cut_cross_entropy import linear_cross_entropy
+
+        from riskpo_kernels.policy import token_policy_loss
+
+        def run():
+            h, w = leaves()
+            logprobs = -linear_cross_entropy(h, w, x["tokens"], reduction="none")
+            loss, _ = token_policy_loss(logprobs.float(), torch.zeros_like(logprobs, dtype=torch.float32),
+                                        x["mask"], x["advantages"], x["old_logprobs"])
+            loss.backward()
     elif name == MATMULS:
         h2 = x["hidden"].reshape(-1, x["hidden"].shape[-1])
         dlogits = torch.randn(h2.shape[0], x["weight"].shape[0], dtype=h2.dtype, device=h2.device)
@@ -135,16 +162,22 @@ def method_fn(name, x):
 
 
 def available_methods(device="cpu"):
-    methods = [PLAIN, LOGITS, FUSED, MATMULS]
+    methods = [PLAIN, LOGITS, LOGITS_INPLACE, FUSED]
     try:
         import liger_kernel.chunked_loss  # noqa: F401
-        methods.insert(3, LIGER)
+        methods += [LIGER, LIGER_EAGER]
         if device == "cuda":  # a Triton kernel: no CPU path
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss  # noqa: F401
-            methods.insert(4, LIGER_TRITON)
+            methods.append(LIGER_TRITON)
     except Exception:  # not installed, or incompatible with this torch
         pass
-    return methods
+    if device == "cuda":  # Triton kernels; on CPU it would only torch.compile the logits
+        try:
+            import cut_cross_entropy  # noqa: F401
+            methods.append(CCE)
+        except Exception:
+            pass
+    return methods + [MATMULS]
 
 
 def sync(device):
@@ -159,7 +192,7 @@ def time_methods(methods, x, device, rounds):
             fns[m] = method_fn(m, x)
             fns[m]()  # warm-up: allocator, kernel compilation
         except Exception as error:  # a peer's API drifts between versions: report, go on
-            if m != LIGER:
+            if m not in PEERS:
                 raise
             print(f"note: {m} failed and is left out: {type(error).__name__}: {error}")
             fns.pop(m, None)
@@ -252,6 +285,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds (smoke test)")
+    ap.add_argument("--methods", help="comma-separated subset (the plain loss and the three "
+                                      "matmuls always run: the ratios need them)")
     ap.add_argument("--csv", type=Path, default=CSV_DEFAULT)
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
@@ -269,6 +304,13 @@ def main(argv=None):
     else:
         sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
     methods = available_methods(device)
+    if args.methods:
+        wanted = {m.strip() for m in args.methods.split(",")} | {PLAIN, MATMULS}
+        unknown = wanted - set(methods)
+        if unknown:
+            ap.error(f"--methods: not available here: {', '.join(sorted(unknown))}; "
+                     f"available: {', '.join(methods)}")
+        methods = [m for m in methods if m in wanted]
     print(f"Policy loss fwd+bwd on {device_name(device)}, torch {torch.__version__}, {dtype}, "
           f"{torch.get_num_threads()} threads; methods: {', '.join(methods)}\n")
     rows = []

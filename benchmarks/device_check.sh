@@ -245,7 +245,7 @@ if [ -z "$QUICK" ]; then
   }
   if [ "$MODE" = gpu ]; then
     bench "advantage benchmark" advantages_cuda.csv benchmarks/bench_advantages.py --device cuda
-    bench "policy-loss benchmark" policy_loss_cuda.csv benchmarks/bench_policy_loss.py --device cuda --rounds 5
+    bench "policy-loss benchmark" policy_loss_cuda.csv benchmarks/bench_policy_loss.py --device cuda --rounds 3
   else
     bench "advantage benchmark" advantages_cpu.csv benchmarks/bench_advantages.py --quick
     bench "policy-loss benchmark" policy_loss_cpu.csv benchmarks/bench_policy_loss.py --quick
