@@ -213,7 +213,7 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
     old = None if old_logprobs is None else old_logprobs.to(acc).reshape(N)
     ref = None if ref_logprobs is None else ref_logprobs.to(acc).reshape(N)
     if chunk_size is None:
-        chunk_size = default_chunk_size(N, V, hidden.device)
+        chunk_size = default_chunk_size(N, V, hidden.device, hidden.element_size())
     loss, logprobs, entropy, *_ = torch.ops.riskpo.fused_linear_policy_loss(
         hidden.reshape(N, H), weight, bias, args.tokens.reshape(N), weights, A, old, ref,
         args.clip_low, args.clip_high, args.clip_ratio_c, args.kl_coef, args.entropy_coef,
@@ -247,8 +247,8 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0,
     tokens = _checked_tokens(tokens, B, T, V, hidden.device)
     temperature = v.check_temperature(temperature)
     N = B * T
-    chunk_size = (default_chunk_size(N, V, hidden.device) if chunk_size is None
-                  else v.check_int("chunk_size", chunk_size, 1))
+    chunk_size = (v.check_int("chunk_size", chunk_size, 1) if chunk_size is not None
+                  else default_chunk_size(N, V, hidden.device, hidden.element_size()))
     backend = _resolve(impl, hidden.device)
     flat_hidden, flat_tokens = hidden.reshape(N, H), tokens.reshape(N)
     if backend.vocab is None:

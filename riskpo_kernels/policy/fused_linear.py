@@ -19,9 +19,10 @@ from .. import backends, ops
 from .token_loss import token_loss_and_grads
 
 
-def default_chunk_size(num_rows: int, vocab: int, device: torch.device) -> int:
+def default_chunk_size(num_rows: int, vocab: int, device: torch.device,
+                       element_size: int = 4) -> int:
     """Rows per chunk. The chunk's gradient overwrites its logits, so a chunk
-    holds chunk * V floats.
+    holds chunk * V logits of ``element_size`` bytes (the hidden states' dtype).
 
     CPU: ~32 MiB of logits, but at least 128 rows, since thinner matmuls run
     slowly. Measured on the 2-core EPYC, fwd+bwd, float32, H = 256:
@@ -31,10 +32,12 @@ def default_chunk_size(num_rows: int, vocab: int, device: torch.device) -> int:
     128 rows at V = 151936 is 74 MiB of logits, which keeps the peak below
     Liger's fused loss; 220 rows would not.
 
-    GPU: ~1 GiB, enough rows to keep the matrix units busy at any vocabulary
-    (not yet measured on a GPU)."""
+    GPU: ~1 GiB of logits, counted in their own dtype (bf16: 3534 rows at
+    V = 151936). Each chunk adds its (V, H) product of the weight's gradient
+    into the float32 accumulator, the overhead the first H100 run showed
+    (benchmarks/NOTES.md): fewer chunks at the same bytes, fewer of those."""
     budget = (32 << 20) if device.type == "cpu" else (1 << 30)
-    rows = max(128 if device.type == "cpu" else 16, budget // (4 * max(vocab, 1)))
+    rows = max(128 if device.type == "cpu" else 16, budget // (element_size * max(vocab, 1)))
     return int(min(max(num_rows, 1), rows))
 
 
