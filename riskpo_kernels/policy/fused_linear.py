@@ -87,6 +87,29 @@ def _check_rows(op, hidden, weight, bias, tokens, temperature, chunk_size, vocab
     backends.vocab_ops(vocab_impl, op=op)
 
 
+_FLOAT32_OUTPUT_GEMM: dict = {}
+
+
+def _float32_output_gemm(device: torch.device) -> bool:
+    """Whether torch.addmm(..., out_dtype=float32) accumulates bf16 products
+    into a float32 tensor in place on ``device`` (CUDA, torch >= 2.8; CPU has
+    no kernel for it). Probed once per device on a small case and checked
+    against float32 math, so a torch without it falls back to a copy."""
+    key = (device.type, device.index)
+    if key not in _FLOAT32_OUTPUT_GEMM:
+        works = False
+        if device.type == "cuda":
+            try:
+                a = torch.arange(6.0, device=device).view(2, 3)
+                acc = torch.ones(2, 2, device=device)
+                torch.addmm(acc, a.bfloat16(), a.t().bfloat16(), out_dtype=torch.float32, out=acc)
+                works = acc.dtype == torch.float32 and torch.equal(acc, 1 + a @ a.t())
+            except (TypeError, RuntimeError, NotImplementedError):
+                works = False
+        _FLOAT32_OUTPUT_GEMM[key] = works
+    return _FLOAT32_OUTPUT_GEMM[key]
+
+
 class _Chunks:
     """The chunk loop the fused ops share: logits of rows [start, end) and
     the accumulation of their gradient into d hidden, d weight and d bias."""
@@ -124,6 +147,11 @@ class _Chunks:
         self.grad_hidden[start:end] = grad_logits @ self.weight
         if grad_logits.dtype == self.acc:
             self.grad_weight.addmm_(grad_logits.t(), h)
+        elif _float32_output_gemm(grad_logits.device):
+            # bf16/fp16 operands accumulated straight into the float32 buffer:
+            # no (V, H) product in the low precision and no float32 copy of it.
+            torch.addmm(self.grad_weight, grad_logits.t(), h, out_dtype=self.acc,
+                        out=self.grad_weight)
         else:
             self.grad_weight += (grad_logits.t() @ h).to(self.acc)
         if self.bias is not None:
