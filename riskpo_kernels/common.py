@@ -15,8 +15,10 @@ import torch
 CREDITS = ("uniform", "score", "std", "sum-mean")
 # Where a bundle's quantiles come from (section 3).
 QUANTILE_MODES = ("batch", "track", "mix")
-# Aggregations of the token loss over the mask (section 8). Python only.
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Aggregations of the token loss over the mask (section 8): verl 0.9.1's modes,
+# then TRL 1.16's loss types that differ from them (policy/aggregation.py).
+AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                "seq-mean-token-sum-norm", "trl-grpo", "trl-dr-grpo")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

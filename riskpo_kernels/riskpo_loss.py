@@ -37,7 +37,7 @@ def riskpo_policy_loss(hidden, weight, tokens, mask, rewards, *, group_size, bun
                        bias=None, chunk_size=None, old_logprobs=None, ref_logprobs=None,
                        clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
                        entropy_coef=0.0, temperature=1.0, agg="token-mean",
-                       impl="auto") -> tuple[PolicyLossOutput, MVaRResult]:
+                       loss_scale_factor=None, impl="auto") -> tuple[PolicyLossOutput, MVaRResult]:
     """Mixed-VaR advantages of ``rewards`` (:func:`mvar_advantages`) fed to
     :func:`fused_linear_policy_loss` as per-sequence advantages.
 
@@ -66,5 +66,6 @@ def riskpo_policy_loss(hidden, weight, tokens, mask, rewards, *, group_size, bun
                                    ref_logprobs=ref_logprobs, clip_low=clip_low,
                                    clip_high=clip_high, clip_ratio_c=clip_ratio_c,
                                    kl_coef=kl_coef, entropy_coef=entropy_coef,
-                                   temperature=temperature, agg=agg, impl=impl)
+                                   temperature=temperature, agg=agg,
+                                   loss_scale_factor=loss_scale_factor, impl=impl)
     return out, risk

@@ -151,7 +151,8 @@ def _policy_args(device, impl):
     return dict(logits=x["logits"], tokens=x["tokens"], mask=x["mask"], advantages=x["advantages"],
                 old_logprobs=x["old_logprobs"], ref_logprobs=x["ref_logprobs"], clip_low=0.2,
                 clip_high=0.28, clip_ratio_c=3.0, kl_coef=0.1, entropy_coef=0.01,
-                temperature=0.7, agg="token-mean", impl=impl, inplace_backward=False)
+                temperature=0.7, agg="seq-mean-token-sum-norm", loss_scale_factor=6.0, impl=impl,
+                inplace_backward=False)
 
 
 def _fused_args(device, impl):

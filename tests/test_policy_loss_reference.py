@@ -18,6 +18,8 @@ import math
 import pytest
 import torch
 
+import riskpo_kernels as rk
+
 from riskpo_kernels.policy import (AGGREGATIONS, aggregation_weights,
                                         logprobs_and_entropy_reference, policy_loss_reference,
                                         token_policy_loss)
@@ -281,26 +283,40 @@ def test_entropy_bonus():
     assert g_H is None or torch.equal(g_H, torch.zeros_like(g_H))
 
 
-# Aggregation case. ratio = 1 (old absent) and A = -L per token, so the per-token loss is
+# Aggregation case (RISKPO_SPEC.md section 8: verl 0.9.1's modes, TRL 1.16's loss
+# types). ratio = 1 (old absent) and A = -L per token, so the per-token loss is
 # l = max(L, L) = L, and for L > 0 (A < 0) the dual clip min(L, 3L) = L leaves it.
 # B = 3, T = 4; 100 marks masked-out values.
 #   row 0: L = [1, 2, 3, 100], m = [1, 1, 1, 0]  -> sum 6,  count 3
 #   row 1: L = [4, 5, 100, 100], m = [1, 1, 0, 0] -> sum 9, count 2
-#   row 2: all masked                             -> sum 0, count 0 (still a sequence)
-# token-mean              = (6 + 9) / 5            = 3
-# seq-mean-token-mean     = (6/3 + 9/2 + 0) / 3    = 6.5 / 3
-# seq-mean-token-sum      = (6 + 9 + 0) / 3        = 5
-# seq-mean-token-sum-norm = (6 + 9) / T, T = 4     = 3.75
-# weights w (loss = sum w l, and d loss / d logp = w * (-A r) = w * L):
-#   token-mean: m / 5; seq-mean-token-mean: m / (count_b * 3); token-sum: m / 3;
-#   token-sum-norm: m / 4.
+#   row 2: all masked                             -> left out of verl's sequence means
+# S = 2 sequences with a response token, B = 3 rows, L = T = 4.
+# token-mean              = (6 + 9) / 5                        = 3
+# token-sum               = 6 + 9                              = 15
+# seq-mean-token-mean     = (6 / (3 + e) + 9 / (2 + e)) / 2    ~ 3.25   (e = 1e-8: verl's)
+# seq-mean-token-sum      = (6 + 9) / 2                        = 7.5
+# seq-mean-token-sum-norm = 7.5 / 4                            = 1.875
+# trl-grpo                = (6 / 3 + 9 / 2 + 0 / 1) / 3        = 6.5 / 3 (all B rows)
+# trl-dr-grpo             = (6 + 9) / (3 * 4)                  = 1.25
+# weights w (loss = sum w l, and d loss / d logp = w * (-A r) = w * L).
+VERL_EPS = 1e-8
 L_AGG = [[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 100.0, 100.0], [100.0] * 4]
 M_AGG = [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0] * 4]
+
+
+def _rows(a, b):  # weights a on row 0's three tokens, b on row 1's two
+    return [[a] * 3 + [0], [b] * 2 + [0, 0], [0] * 4]
+
+
 AGG_EXPECTED = {
-    "token-mean": (3.0, [[1 / 5] * 3 + [0], [1 / 5] * 2 + [0, 0], [0] * 4]),
-    "seq-mean-token-mean": (6.5 / 3, [[1 / 9] * 3 + [0], [1 / 6] * 2 + [0, 0], [0] * 4]),
-    "seq-mean-token-sum": (5.0, [[1 / 3] * 3 + [0], [1 / 3] * 2 + [0, 0], [0] * 4]),
-    "seq-mean-token-sum-norm": (3.75, [[1 / 4] * 3 + [0], [1 / 4] * 2 + [0, 0], [0] * 4]),
+    "token-mean": (3.0, _rows(1 / 5, 1 / 5)),
+    "token-sum": (15.0, _rows(1, 1)),
+    "seq-mean-token-mean": ((6 / (3 + VERL_EPS) + 9 / (2 + VERL_EPS)) / 2,
+                            _rows(1 / ((3 + VERL_EPS) * 2), 1 / ((2 + VERL_EPS) * 2))),
+    "seq-mean-token-sum": (7.5, _rows(1 / 2, 1 / 2)),
+    "seq-mean-token-sum-norm": (1.875, _rows(1 / 8, 1 / 8)),
+    "trl-grpo": (6.5 / 3, _rows(1 / 9, 1 / 6)),
+    "trl-dr-grpo": (1.25, _rows(1 / 12, 1 / 12)),
 }
 
 
@@ -326,16 +342,33 @@ def test_aggregation_hand_case_with_empty_row(agg):
     close(m["approx_kl"], 0.0)
 
 
-def test_seq_mean_token_sum_norm_uses_padded_length():
-    # Same rows as above with 2 more padding columns: T = 6 -> (6 + 9) / 6 = 2.5,
-    # while the other modes do not change.
+def test_the_normalising_length_is_the_padded_one_or_the_scale_factor():
+    # Same rows with 2 more padding columns: T = 6 -> seq-mean-token-sum-norm 7.5 / 6,
+    # trl-dr-grpo 15 / (3 * 6); the other modes do not change. loss_scale_factor = 5
+    # replaces T: 7.5 / 5 and 15 / (3 * 5).
     L = torch.cat([t64(L_AGG), torch.full((3, 2), 100.0, dtype=F64)], 1)
     mask = torch.cat([t64(M_AGG), torch.zeros(3, 2, dtype=F64)], 1)
     logp = torch.full((3, 6), -1.0, dtype=F64)
     H = torch.zeros(3, 6, dtype=F64)
+    padded = {"seq-mean-token-sum-norm": 7.5 / 6, "trl-dr-grpo": 15 / 18}
+    scaled = {"seq-mean-token-sum-norm": 7.5 / 5, "trl-dr-grpo": 15 / 15}
     for agg in AGGREGATIONS:
         loss, _ = token_policy_loss(logp, H, mask, -L, agg=agg)
-        close(loss, 15 / 6 if agg == "seq-mean-token-sum-norm" else AGG_EXPECTED[agg][0])
+        close(loss, padded.get(agg, AGG_EXPECTED[agg][0]))
+    for agg, want in scaled.items():
+        loss, _ = token_policy_loss(logp, H, mask, -L, agg=agg, loss_scale_factor=5)
+        close(loss, want)
+
+
+def test_loss_scale_factor_is_checked():
+    args = (torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
+    with pytest.raises(ValueError, match="loss_scale_factor applies to seq-mean-token-sum-norm"):
+        rk.policy_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), *args[2:],
+                       agg="token-mean", loss_scale_factor=4.0)
+    for bad in (0.0, -1.0, float("nan"), "4"):
+        with pytest.raises(ValueError, match="loss_scale_factor"):
+            rk.policy_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), *args[2:],
+                           agg="seq-mean-token-sum-norm", loss_scale_factor=bad)
 
 
 def test_unknown_aggregation_raises():
@@ -371,17 +404,17 @@ def test_all_masked_batch_gives_zero_loss_metrics_and_gradient(agg):
 # Float mask (weights other than 0/1), same L as the aggregation case:
 #   row 0: m = [0.5, 1, 2, 0]    -> sum(L m) = 0.5 + 2 + 6 = 8.5,  sum(m) = 3.5
 #   row 1: m = [0.25, 0.25, 0, 0] -> sum(L m) = 1 + 1.25 = 2.25,   sum(m) = 0.5
-#   row 2: m = 0                                                     (still a sequence)
-# token-mean              = 10.75 / 4
-# seq-mean-token-mean     = (8.5 / 3.5 + 2.25 / 0.5 + 0) / 3
-# seq-mean-token-sum      = (8.5 + 2.25) / 3
-# seq-mean-token-sum-norm = 10.75 / 4 (T = 4; equal to token-mean only because sum(m) = T)
+#   row 2: m = 0                  -> left out of verl's sequence means (S = 2)
+# trl-grpo divides each row by max(sum(m), 1), as TRL clamps the count.
 M_FLOAT = [[0.5, 1.0, 2.0, 0.0], [0.25, 0.25, 0.0, 0.0], [0.0] * 4]
 FLOAT_EXPECTED = {
     "token-mean": 10.75 / 4,
-    "seq-mean-token-mean": (8.5 / 3.5 + 2.25 / 0.5) / 3,
-    "seq-mean-token-sum": 10.75 / 3,
-    "seq-mean-token-sum-norm": 10.75 / 4,
+    "token-sum": 10.75,
+    "seq-mean-token-mean": (8.5 / (3.5 + VERL_EPS) + 2.25 / (0.5 + VERL_EPS)) / 2,
+    "seq-mean-token-sum": 10.75 / 2,
+    "seq-mean-token-sum-norm": 10.75 / (2 * 4),
+    "trl-grpo": (8.5 / 3.5 + 2.25 / 1) / 3,
+    "trl-dr-grpo": 10.75 / (3 * 4),
 }
 
 
@@ -740,7 +773,7 @@ def test_nan_in_masked_logprob_and_advantage_ignored_by_token_loss():
 def verl_compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange_low,
                              cliprange_high, clip_ratio_c, loss_agg_mode):
     """verl.trainer.ppo.core_algos.compute_policy_loss (vanilla, dual clip), with the
-    aggregation written as RISKPO_SPEC.md section 8 states it (empty rows contribute 0)."""
+    aggregation written as RISKPO_SPEC.md section 8 states it (verl 0.9.1, TRL 1.16)."""
     negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     ratio = torch.exp(negative_approx_kl)
     pg_losses1 = -advantages * ratio
@@ -760,17 +793,25 @@ def verl_compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, 
                                     * (advantages < 0).float())
     ppo_kl = masked_mean(-negative_approx_kl)
 
+    # verl 0.9.1's agg_loss (fully masked rows left out of the sequence means),
+    # then TRL 1.16's grpo and dr_grpo (every row counted).
+    seq_sum = (pg_losses * m).sum(-1)
+    seq_cnt = m.sum(-1)
+    kept = seq_cnt > 0
     if loss_agg_mode == "token-mean":
         loss = masked_mean(pg_losses)
+    elif loss_agg_mode == "token-sum":
+        loss = seq_sum.sum()
     elif loss_agg_mode == "seq-mean-token-mean":
-        seq_sum = (pg_losses * m).sum(-1)
-        seq_cnt = m.sum(-1)
-        seq = torch.where(seq_cnt > 0, seq_sum / torch.where(seq_cnt > 0, seq_cnt, 1), 0)
-        loss = seq.mean()
+        loss = (seq_sum / (seq_cnt + 1e-8))[kept].mean()
     elif loss_agg_mode == "seq-mean-token-sum":
-        loss = (pg_losses * m).sum(-1).mean()
+        loss = seq_sum[kept].mean()
     elif loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = (pg_losses * m).sum() / m.shape[-1]
+        loss = seq_sum[kept].mean() / m.shape[-1]
+    elif loss_agg_mode == "trl-grpo":
+        loss = (seq_sum / seq_cnt.clamp(min=1.0)).mean()
+    elif loss_agg_mode == "trl-dr-grpo":
+        loss = seq_sum.sum() / (m.shape[0] * m.shape[-1])
     else:
         raise ValueError(loss_agg_mode)
     return loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower

@@ -8,9 +8,9 @@ from .api import (
                         fused_linear_policy_loss,
                         policy_loss,
 )
+from ..common import AGGREGATIONS
+from .aggregation import aggregation_weights
 from .reference import (
-                        AGGREGATIONS,
-                        aggregation_weights,
                         logprobs_and_entropy_reference,
                         policy_loss_reference,
                         token_policy_loss,

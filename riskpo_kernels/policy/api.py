@@ -9,12 +9,8 @@ import torch
 from .. import _validation as v
 from .. import backends
 from .fused_linear import check_linear, default_chunk_size
-from .reference import (
-    AGGREGATIONS,
-    aggregation_weights,
-    logprobs_and_entropy_reference,
-    token_policy_loss,
-)
+from .aggregation import aggregation_weights, check_aggregation
+from .reference import logprobs_and_entropy_reference, token_policy_loss
 
 @dataclass(frozen=True)
 class PolicyLossOutput:
@@ -64,11 +60,19 @@ class _LossArgs:
     kl_coef: float
     entropy_coef: float
     temperature: float
+    agg: str
+    loss_scale_factor: float | None
+
+    def loss_options(self) -> dict:
+        """The keywords token_policy_loss takes after the per-token inputs."""
+        return dict(clip_low=self.clip_low, clip_high=self.clip_high, clip_ratio_c=self.clip_ratio_c,
+                    kl_coef=self.kl_coef, entropy_coef=self.entropy_coef, agg=self.agg,
+                    loss_scale_factor=self.loss_scale_factor)
 
 
 def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, ref_logprobs,
                      clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
-                     agg) -> _LossArgs:
+                     agg, loss_scale_factor) -> _LossArgs:
     """The checks shared by both loss paths; each error names its argument."""
     tokens = _checked_tokens(tokens, B, T, V, device)
     _check_token_tensor("mask", mask, (B, T), device)
@@ -85,8 +89,9 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
             v.check_float_tensor(name, t)
     clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature = v.check_loss_scalars(
         clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
-    v.check_choice("agg", agg, AGGREGATIONS)
-    return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature)
+    agg, loss_scale_factor = check_aggregation(agg, loss_scale_factor)
+    return _LossArgs(tokens, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature,
+                     agg, loss_scale_factor)
 
 
 class _GradientOverLogits(torch.autograd.Function):
@@ -114,7 +119,7 @@ class _GradientOverLogits(torch.autograd.Function):
 
 def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logprobs=None,
                 clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0, entropy_coef=0.0,
-                temperature=1.0, agg="token-mean", impl="auto",
+                temperature=1.0, agg="token-mean", loss_scale_factor=None, impl="auto",
                 inplace_backward=False) -> PolicyLossOutput:
     """PPO-clip policy loss of RiskPO / GRPO (RISKPO_SPEC.md section 8), per token::
 
@@ -124,8 +129,10 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
         l     = min(l, -A clip_ratio_c)        where A < 0 (dual clip)
         l    += kl_coef (exp(ref - logp) - (ref - logp) - 1) - entropy_coef H
 
-    aggregated over the mask by ``agg`` (token-mean, seq-mean-token-mean,
-    seq-mean-token-sum, seq-mean-token-sum-norm).
+    aggregated over the mask by ``agg``: verl 0.9.1's token-mean, token-sum,
+    seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (divided by
+    ``loss_scale_factor``, or the padded length T when None), or TRL's grpo and
+    dr_grpo as trl-grpo and trl-dr-grpo (policy/aggregation.py has each formula).
 
     logits: (B, T, V); tokens: (B, T) int64 in [0, V); mask: (B, T) bool or
     float; advantages: (B,) or (B, T); old_logprobs, ref_logprobs: (B, T) or None.
@@ -146,7 +153,7 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
         raise ValueError("logits has an empty vocabulary (V = 0)")
     args = _check_loss_args(B, T, V, logits.device, tokens, mask, advantages, old_logprobs,
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
-                            entropy_coef, temperature, agg)
+                            entropy_coef, temperature, agg, loss_scale_factor)
     backend = _resolve(impl, logits.device)
     inplace_backward = v.check_bool("inplace_backward", inplace_backward)
     if inplace_backward and not logits.is_contiguous():
@@ -163,8 +170,7 @@ def policy_loss(logits, tokens, mask, advantages, *, old_logprobs=None, ref_logp
         logprobs, entropy, _ = backend.vocab.op("forward")(flat_logits, flat_tokens, args.temperature)
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     loss, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
-                                      ref_logprobs, args.clip_low, args.clip_high,
-                                      args.clip_ratio_c, args.kl_coef, args.entropy_coef, agg)
+                                      ref_logprobs, **args.loss_options())
     return PolicyLossOutput(loss, logprobs.detach(), entropy.detach(), metrics)
 
 
@@ -179,7 +185,7 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
                              chunk_size=None, old_logprobs=None, ref_logprobs=None,
                              clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
                              entropy_coef=0.0, temperature=1.0, agg="token-mean",
-                             impl="auto") -> PolicyLossOutput:
+                             loss_scale_factor=None, impl="auto") -> PolicyLossOutput:
     """:func:`policy_loss` of ``logits = hidden @ weight.T + bias`` without ever
     holding the (B, T, V) logits: chunks of ``chunk_size`` tokens go through the
     matmul, the vocabulary kernels and the gradient in the forward pass, so peak
@@ -195,19 +201,17 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
         chunk_size = v.check_int("chunk_size", chunk_size, 1)
     args = _check_loss_args(B, T, V, hidden.device, tokens, mask, advantages, old_logprobs,
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
-                            entropy_coef, temperature, agg)
+                            entropy_coef, temperature, agg, loss_scale_factor)
     backend = _resolve(impl, hidden.device)
     if backend.vocab is None:
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return policy_loss(logits, args.tokens, mask, advantages, old_logprobs=old_logprobs,
-                           ref_logprobs=ref_logprobs, clip_low=args.clip_low,
-                           clip_high=args.clip_high, clip_ratio_c=args.clip_ratio_c,
-                           kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
-                           temperature=args.temperature, agg=agg, impl="reference")
+                           ref_logprobs=ref_logprobs, temperature=args.temperature,
+                           impl="reference", **args.loss_options())
 
     N = B * T
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    weights = aggregation_weights(mask, agg).to(acc).reshape(N)
+    weights = aggregation_weights(mask, args.agg, args.loss_scale_factor).to(acc).reshape(N)
     A = advantages.to(acc)
     A = (A[:, None].expand(B, T) if A.dim() == 1 else A).reshape(N)
     old = None if old_logprobs is None else old_logprobs.to(acc).reshape(N)
@@ -221,8 +225,7 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     with torch.no_grad():  # the metrics are cheap O(B*T) functions of the detached values
         _, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
-                                       ref_logprobs, args.clip_low, args.clip_high,
-                                       args.clip_ratio_c, args.kl_coef, args.entropy_coef, agg)
+                                       ref_logprobs, **args.loss_options())
     return PolicyLossOutput(loss, logprobs, entropy, metrics)
 
 

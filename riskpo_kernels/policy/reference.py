@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import AGGREGATIONS
+from .aggregation import aggregation_weights
 from .token_loss import per_token_loss, weighted_sum
 
 
@@ -29,28 +29,9 @@ def logprobs_and_entropy_reference(logits, tokens, temperature):
     return logprobs, entropy
 
 
-def aggregation_weights(mask, agg):
-    """Per-token weights w (B, T) with loss = sum(w * l): the normaliser of every
-    aggregation mode is known from the mask alone. A row without response tokens
-    contributes 0 (and still counts as a sequence); an empty batch gives 0."""
-    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
-    B, T = m.shape
-    if agg == "token-mean":
-        total = m.sum()
-        return m / total.clamp(min=torch.finfo(m.dtype).tiny) * (total > 0)
-    if agg == "seq-mean-token-mean":
-        per_row = m.sum(1, keepdim=True)
-        return m / (per_row.clamp(min=torch.finfo(m.dtype).tiny) * max(B, 1)) * (per_row > 0)
-    if agg == "seq-mean-token-sum":
-        return m / max(B, 1)
-    if agg == "seq-mean-token-sum-norm":
-        return m / max(T, 1)
-    raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}; got {agg!r}")
-
-
 def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, ref_logprobs=None,
                       clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
-                      entropy_coef=0.0, agg="token-mean"):
+                      entropy_coef=0.0, agg="token-mean", loss_scale_factor=None):
     """PPO-clip loss with dual clip, k3 KL and entropy bonus, from per-token values.
 
     logprobs, entropy: (B, T) differentiable; mask: (B, T); advantages: (B,) or
@@ -62,7 +43,7 @@ def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, re
     A = A[:, None].expand_as(logprobs) if A.dim() == 1 else A
     per_token, terms = per_token_loss(logprobs, entropy, A, old_logprobs, ref_logprobs, clip_low,
                                       clip_high, clip_ratio_c, kl_coef, entropy_coef)
-    loss = weighted_sum(aggregation_weights(mask, agg).to(acc), per_token)
+    loss = weighted_sum(aggregation_weights(mask, agg, loss_scale_factor).to(acc), per_token)
 
     m = mask.to(acc)
     count = m.sum()
@@ -84,7 +65,8 @@ def token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs=None, re
 
 def policy_loss_reference(logits, tokens, mask, advantages, old_logprobs=None, ref_logprobs=None,
                           clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
-                          entropy_coef=0.0, temperature=1.0, agg="token-mean"):
+                          entropy_coef=0.0, temperature=1.0, agg="token-mean",
+                          loss_scale_factor=None):
     """logits: (B, T, V) -> (loss, logprobs (B, T), entropy (B, T), metrics)."""
     B, T, V = logits.shape
     logprobs, entropy = logprobs_and_entropy_reference(logits.reshape(B * T, V),
@@ -92,5 +74,5 @@ def policy_loss_reference(logits, tokens, mask, advantages, old_logprobs=None, r
     logprobs, entropy = logprobs.view(B, T), entropy.view(B, T)
     loss, metrics = token_policy_loss(logprobs, entropy, mask, advantages, old_logprobs,
                                       ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
-                                      entropy_coef, agg)
+                                      entropy_coef, agg, loss_scale_factor)
     return loss, logprobs, entropy, metrics
