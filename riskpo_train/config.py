@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from riskpo_kernels.common import AGGREGATIONS, CREDITS, QUANTILE_MODES
+from riskpo_kernels.policy.aggregation import SCALED
 
 from .task import OPERATORS
 
@@ -71,7 +72,11 @@ class TrainConfig:
     clip_ratio_c: float = _opt(3.0, "dual-clip constant")
     kl_coef: float = _opt(0.0, "k3 KL to the starting policy (> 0 keeps a reference model)")
     entropy_coef: float = _opt(0.0, "entropy bonus")
-    loss_agg: str = _opt("token-mean", "loss aggregation", LOSS_AGGS)
+    loss_agg: str = _opt("token-mean", "loss aggregation (verl 0.9.1's modes; trl-grpo and "
+                                       "trl-dr-grpo are TRL's grpo and dr_grpo)", LOSS_AGGS)
+    loss_scale_factor: float | None = _opt(None, "seq-mean-token-sum-norm and trl-dr-grpo: a "
+                                                 "constant to divide by instead of the padded "
+                                                 "response length (verl's loss_scale_factor)")
     chunk_size: int = _opt(0, "tokens per chunk of the fused loss (0: the library's default)")
     param_dtype: str = _opt("float32", "under torchrun: FSDP mixed precision, the dtype forward "
                                        "and backward run in (master weights, optimizer and "
@@ -150,6 +155,14 @@ class TrainConfig:
         if not self.clip_ratio_c > 1:
             raise OptionError("clip_ratio_c", f"--clip-ratio-c must be > 1 (dual clip), "
                                               f"got {self.clip_ratio_c}")
+        if self.loss_scale_factor is not None:
+            if not self.loss_scale_factor > 0:
+                raise OptionError("loss_scale_factor", f"--loss-scale-factor must be > 0, "
+                                                       f"got {self.loss_scale_factor}")
+            if self.loss_agg not in SCALED:
+                raise OptionError(("loss_scale_factor", "loss_agg"),
+                                  f"--loss-scale-factor applies to --loss-agg "
+                                  f"{' or '.join(SCALED)} only, got --loss-agg {self.loss_agg}")
         if self.algo == "riskpo" and self.prompts_per_step % self.bundle_size:
             raise OptionError(("prompts_per_step", "bundle_size"),
                               f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of "

@@ -7,34 +7,36 @@ from __future__ import annotations
 
 import torch
 
+from riskpo_kernels.policy.aggregation import aggregation_parts
+
 from .config import TrainConfig
 from .distributed import DistContext
 from .rollout import Rollout
 
 
-def loss_normaliser(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """What the aggregation divides by, for a batch with this response mask:
-    summed over micro-batches and ranks it gives the minibatch's divisor."""
-    if agg == "token-mean":
-        return mask.sum(dtype=torch.float64)
-    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device)
-    return torch.tensor(1.0, dtype=torch.float64, device=mask.device)  # sum over T_max
+def aggregation_count(mask: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
+    """What the loss aggregation divides by for this response mask (tokens,
+    sequences with a response token, or rows: riskpo_kernels' aggregation_parts,
+    the one definition), float64; None for token-sum, which divides by nothing.
+    Summed over micro-batches and ranks it is the minibatch's count."""
+    _, count = aggregation_parts(mask, cfg.loss_agg, cfg.loss_scale_factor)
+    return None if count is None else count.to(torch.float64)
 
 
-def loss_share(mask: torch.Tensor, agg: str, global_normaliser: torch.Tensor) -> torch.Tensor:
-    """The factor that turns the fused loss of one micro-batch into its share of
-    the minibatch loss. ``seq-mean-token-sum-norm`` divides by the padded length,
-    the same in every micro-batch, so its micro-batch losses simply add up."""
-    if agg == "seq-mean-token-sum-norm":
-        return torch.tensor(1.0, dtype=torch.float64, device=mask.device)
-    local = loss_normaliser(mask, agg)
-    return local / global_normaliser.clamp(min=1.0)
+def loss_share(local_count: torch.Tensor | None, total_count: torch.Tensor | None,
+               device) -> torch.Tensor:
+    """The factor that turns the fused loss of one micro-batch (normalised by
+    its own count) into its share of the minibatch's loss: local / total, as
+    verl's global denominators; 1 for token-sum (parts simply add up)."""
+    if local_count is None:
+        return torch.ones((), dtype=torch.float64, device=device)
+    return local_count / total_count.clamp(min=1.0)
 
 
 def loss_options(cfg: TrainConfig) -> dict:
     return {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "clip_ratio_c": cfg.clip_ratio_c,
-            "kl_coef": cfg.kl_coef, "entropy_coef": cfg.entropy_coef, "agg": cfg.loss_agg}
+            "kl_coef": cfg.kl_coef, "entropy_coef": cfg.entropy_coef, "agg": cfg.loss_agg,
+            "loss_scale_factor": cfg.loss_scale_factor}
 
 
 def micro_batches(rows: int, size: int):
@@ -76,7 +78,8 @@ def update(policy, optimizer, batch: Rollout, advantages, old_logprobs, ref_logp
     """
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    global_norm = ctx.all_reduce_sum(loss_normaliser(batch.response_mask, cfg.loss_agg))
+    count = aggregation_count(batch.response_mask, cfg)
+    total = None if count is None else ctx.all_reduce_sum(count)
     options = loss_options(cfg)
     device = batch.response.device
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, tokens, 4 metrics
@@ -87,7 +90,7 @@ def update(policy, optimizer, batch: Rollout, advantages, old_logprobs, ref_logp
             # after the last micro-batch (every rank has as many micro-batches).
             policy.set_requires_gradient_sync(index == len(parts) - 1)
         mask = batch.response_mask[rows]
-        share = loss_share(mask, cfg.loss_agg, global_norm)
+        share = loss_share(aggregation_count(mask, cfg), total, device)
         loss, _, _, metrics = policy(
             batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows], mask,
             advantages[rows], old_logprobs[rows],

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from riskpo_kernels.common import AGGREGATIONS
+
 pytest.importorskip("transformers")
 
 WORKER = Path(__file__).with_name("fsdp_parity_worker.py")
@@ -36,7 +38,8 @@ def test_one_update_matches_on_one_and_two_fsdp_processes(tmp_path):
     # Exit code 0 from both workers, not an abort in interpreter teardown.
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = torch.load(single), torch.load(sharded)
-    assert one.keys() == two.keys() and len(one) == 5
+    # Every aggregation mode (with SGD), and token-mean with AdamW.
+    assert one.keys() == two.keys() and len(one) == len(AGGREGATIONS) + 1
     for (agg, optimizer), a in one.items():
         b = two[agg, optimizer]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), agg

@@ -47,13 +47,18 @@ def test_an_int_option_refuses_a_bool_a_fraction_and_none(name):
             TrainConfig(**{name: value}).validate()
 
 
+def _optional(name) -> bool:
+    return next(f for f in fields(TrainConfig) if f.name == name).type.endswith("None")
+
+
 @pytest.mark.parametrize("name", _options_of("float"))
 def test_a_float_option_refuses_nan_inf_a_bool_and_a_string(name):
     for value in (math.nan, math.inf, -math.inf):
         with pytest.raises(OptionError, match=f"^{_flag(name)} must be a finite number, got "):
             TrainConfig(**{name: value}).validate()
-    for value in (False, "0.5", None):
-        with pytest.raises(OptionError, match=f"^{_flag(name)} must be a number, got "):
+    # None only where the option is optional (loss_scale_factor: "not set").
+    for value in (False, "0.5") + (() if _optional(name) else (None,)):
+        with pytest.raises(OptionError, match=f"^{_flag(name)} must be a number( or null)?, got "):
             TrainConfig(**{name: value}).validate()
 
 
@@ -94,6 +99,8 @@ def test_exact_numbers_are_stored_in_the_options_type():
     (["--clip-low", "1"], "--clip-low must be < 1"),
     (["--clip-high", "-0.1"], "--clip-high must be >= 0"),
     (["--clip-ratio-c", "1"], "--clip-ratio-c must be > 1"),
+    (["--loss-scale-factor", "4"], "--loss-scale-factor applies to --loss-agg seq-mean-token-sum-norm"),
+    (["--loss-agg", "trl-dr-grpo", "--loss-scale-factor", "0"], "--loss-scale-factor must be > 0"),
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*63\)"),
     (["--task-seed", str(2 ** 64)], "--task-seed must be in"),
     (["--task-digits", "5"], r"--task-digits must be in \[1, 4\]"),
