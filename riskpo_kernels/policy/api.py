@@ -8,9 +8,10 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .fused_linear import check_linear, default_chunk_size
 from .aggregation import aggregation_weights, check_aggregation
+from .fused_linear import check_linear, default_chunk_size
 from .reference import logprobs_and_entropy_reference, token_policy_loss
+
 
 @dataclass(frozen=True)
 class PolicyLossOutput:
