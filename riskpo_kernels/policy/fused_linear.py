@@ -100,6 +100,8 @@ def _float32_output_gemm(device: torch.device) -> bool:
     key = (device.type, device.index)
     if key not in _FLOAT32_OUTPUT_GEMM:
         works = False
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False  # the probe reads its result back: not inside a CUDA graph capture
         if device.type == "cuda":
             try:
                 a = torch.arange(6.0, device=device).view(2, 3)
