@@ -90,10 +90,10 @@ def check_storage(name: str, tensor: torch.Tensor, op: str | None = None) -> Non
                   f"resharded FSDP parameter?)")
 
 
-def check_tensor(name: str, tensor, *, dtypes=None, dims=None, device=None,
-                 op: str | None = None, device_name: str = "the other tensors") -> torch.Tensor:
-    """Type, dtype (one of ``dtypes``; "float" for FLOAT_DTYPES), number of
-    dimensions (one of ``dims``), device (``device``, when given) and storage."""
+def check_tensor(name: str, tensor, *, dtypes=None, device=None, op: str | None = None,
+                 device_name: str = "the other tensors") -> torch.Tensor:
+    """Type, dtype (one of ``dtypes``; "float" for FLOAT_DTYPES), layout, device
+    (``device``, when given; never meta) and storage."""
     if not isinstance(tensor, torch.Tensor):
         _fail(op, f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if dtypes == "float":
@@ -102,9 +102,6 @@ def check_tensor(name: str, tensor, *, dtypes=None, dims=None, device=None,
     elif dtypes is not None and tensor.dtype not in dtypes:
         _fail(op, f"{name} must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, "
                   f"got {tensor.dtype}")
-    if dims is not None and tensor.dim() not in dims:
-        _fail(op, f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape "
-                  f"{tuple(tensor.shape)}")
     if tensor.is_meta:
         _fail(op, f"{name} is a meta tensor (no data): the kernels need real tensors")
     if tensor.layout != torch.strided:

@@ -91,6 +91,12 @@ def _check_fake_devices(op: str, primary_name: str, primary: torch.Tensor, **oth
                                  f"{primary.device}")
 
 
+def gradients_or_zeros(like: torch.Tensor, *grads):
+    """The upstream gradients of an op's per-row outputs, zeros for those autograd
+    passes as None (an output the loss did not use)."""
+    return tuple(torch.zeros_like(like) if g is None else g for g in grads)
+
+
 def _check_fake_rewards(op: str, rewards: torch.Tensor, group_size: int) -> None:
     torch._check(rewards.dim() == 1, lambda: f"{op}: rewards must be 1-D, got {tuple(rewards.shape)}")
     torch._check(group_size >= 1, lambda: f"{op}: group_size must be >= 1, got {group_size}")
@@ -103,7 +109,8 @@ def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, 
     _check_fake_rewards("mvar_advantages", rewards, group_size)
     _check_fake_devices("mvar_advantages", "rewards", rewards, q_lo_track=q_lo_track,
                         q_hi_track=q_hi_track, base_mid=base_mid, base_low=base_low)
-    torch._check(bundle_size >= 1, lambda: f"mvar_advantages: bundle_size must be >= 1, got {bundle_size}")
+    torch._check(bundle_size >= 1,
+                 lambda: f"mvar_advantages: bundle_size must be >= 1, got {bundle_size}")
     num_prompts = rewards.shape[0] // group_size
     num_bundles = -(-num_prompts // bundle_size)
     acc = accumulation_dtype(rewards.dtype)
@@ -223,10 +230,7 @@ def _fused_linear_logprob_entropy_setup(ctx, inputs, output):
 
 def _fused_linear_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
-    if grad_logprobs is None:
-        grad_logprobs = torch.zeros_like(lse)
-    if grad_entropy is None:
-        grad_entropy = torch.zeros_like(lse)
+    grad_logprobs, grad_entropy = gradients_or_zeros(lse, grad_logprobs, grad_entropy)
     grad_hidden, grad_weight, grad_bias = torch.ops.riskpo.fused_linear_logprob_entropy_backward(
         grad_logprobs, grad_entropy, hidden, weight, bias, tokens, lse, entropy, *ctx.arguments)
     return grad_hidden, grad_weight, grad_bias if bias is not None else None, None, None, None, None
@@ -251,10 +255,7 @@ def _vocab_backward(backward_op_name):
     zeros for an output that received no gradient."""
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, tokens, lse, entropy = ctx.saved_tensors
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
-        if grad_entropy is None:
-            grad_entropy = torch.zeros_like(lse)
+        grad_logprobs, grad_entropy = gradients_or_zeros(lse, grad_logprobs, grad_entropy)
         grad_logits = getattr(torch.ops.riskpo, backward_op_name)(
             grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
         return grad_logits, None, None

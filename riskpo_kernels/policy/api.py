@@ -8,6 +8,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
+from ..ops import gradients_or_zeros
 from .aggregation import aggregation_weights, check_aggregation
 from .fused_linear import check_linear, default_chunk_size
 from .reference import logprobs_and_entropy_reference, token_policy_loss
@@ -111,8 +112,7 @@ class _GradientOverLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, tokens, lse, entropy = ctx.saved_tensors
-        grad_logprobs = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs
-        grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
+        grad_logprobs, grad_entropy = gradients_or_zeros(lse, grad_logprobs, grad_entropy)
         ctx.vocab.op("backward_in_place")(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
                                           ctx.temperature)
         return logits, None, None, None

@@ -15,7 +15,6 @@ from .aggregation import aggregation_weights
 from .token_loss import per_token_loss, weighted_sum
 
 
-
 def logprobs_and_entropy_reference(logits, tokens, temperature):
     """logits: (N, V), tokens: (N,) -> logprobs (N,), entropy (N,), both float32
     (float64 for float64 logits), differentiable w.r.t. logits."""

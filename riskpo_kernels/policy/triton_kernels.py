@@ -36,8 +36,6 @@ MAX_PROGRAMS = 32768
 # Largest vocabulary chunk one program holds in registers per loop step.
 MAX_BLOCK_V = 4096
 
-LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
 # Set below, once the kernels exist: True where the kernels run on CPU tensors.
 INTERPRETED = False
 
@@ -172,20 +170,15 @@ INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
 
 
 def _check_logits_tokens(op, logits, tokens, temperature):
-    v.check_tensor("logits", logits, op=op)
+    v.check_tensor("logits", logits, dtypes="float", op=op)
     if logits.dim() != 2:
         v._fail(op, f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in LOGIT_DTYPES:
-        v._fail(op, f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
     if logits.shape[1] < 1:
         v._fail(op, "logits has an empty vocabulary (V = 0)")
-    v.check_tensor("tokens", tokens, op=op)
+    v.check_tensor("tokens", tokens, dtypes=(torch.int64,), device=logits.device,
+                   device_name="logits is", op=op)
     if tokens.dim() != 1 or tokens.shape[0] != logits.shape[0]:
         v._fail(op, f"tokens must be (N,) = ({logits.shape[0]},), got shape {tuple(tokens.shape)}")
-    if tokens.dtype != torch.int64:
-        v._fail(op, f"tokens must be int64, got {tokens.dtype}")
-    if tokens.device != logits.device:
-        v._fail(op, f"tokens is on {tokens.device} but logits is on {logits.device}")
     temperature = v.check_temperature(temperature, op=op)
     if logits.device.type == "cpu":
         if not INTERPRETED:

@@ -11,7 +11,6 @@ from .. import backends
 from ..common import CREDITS, QUANTILE_MODES, accumulation_dtype
 
 
-
 @dataclass(frozen=True)
 class MVaRResult:
     """Output of :func:`mvar_advantages`.
@@ -132,9 +131,9 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     base_low_t = None if isinstance(base_low, (int, float)) and base_low == 0 else \
         _scalar_tensor("base_low", base_low, flat, acc)
 
-    out = MVaRResult(*backend.mvar_advantages(flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t,
-                         q_hi_t, credit, normalize_std, natural_baseline, base_mid_t, base_low_t,
-                         eps))
+    out = MVaRResult(*backend.mvar_advantages(
+        flat, n, bundle_size, alpha, beta, w_low, w_high, quantile_mode, q_lo_t, q_hi_t, credit,
+        normalize_std, natural_baseline, base_mid_t, base_low_t, eps))
     if magnitude is not None and magnitude * bundle_size > torch.finfo(acc).max \
             and bool(torch.isnan(out.q_lo).any()):
         # The rewards are finite (checked, CPU), so a bundle's score overflowed

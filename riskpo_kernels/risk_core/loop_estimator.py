@@ -32,7 +32,6 @@ from ..common import CREDITS, QUANTILE_MODES, accumulation_dtype
 from .reference import STD_FLOOR, SUM_MEAN_FLOOR
 
 
-
 def mvar_advantages_loop(scores, index, bundle_size=5, alpha=0.2, beta=0.8, w_low=1.5,
                          w_high=0.0, quantile_mode="batch", q_lo=None, q_hi=None,
                          credit="uniform", normalize_std=True, natural_baseline=True,

@@ -130,8 +130,7 @@ class QuantileTracker:
             if values.shape != levels.shape:
                 raise ValueError(f"state_dict['values'] must be shaped like its levels "
                                  f"{tuple(levels.shape)}, got {tuple(values.shape)}")
-            if values.device.type == "cpu" and not bool(torch.isfinite(values).all()):
-                raise ValueError("state_dict['values'] contains NaN or Inf")
+            v.check_all_finite("state_dict['values']", values)
         if (values is None) != (steps == 0):
             raise ValueError(f"state_dict holds steps={steps} but values "
                              f"{'None' if values is None else 'set'}: a tracker has values "
