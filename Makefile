@@ -11,7 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 TEST_DEPS ?= "pytest>=8" ninja numpy "setuptools>=64" wheel
 # The trainer's dependencies (none of them pulls a torch).
-TRAIN_DEPS ?= "transformers>=4.56" tokenizers tqdm pyyaml matplotlib "math-verify>=0.8" pyarrow
+TRAIN_DEPS ?= "transformers>=5.5.3,<5.11,!=5.6.0" tokenizers tqdm pyyaml matplotlib "math-verify>=0.8" pyarrow
+# The trainers our adapters plug into (riskpo_kernels.integrations), tested
+# against the real packages. verl 0.9.1 caps transformers below 5.11, so the
+# whole environment runs the newest transformers both accept (TRAIN_DEPS).
+INTEGRATION_DEPS ?= "verl==0.9.1" "trl==1.16.0"
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -24,6 +28,10 @@ $(DEPS_STAMP): Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(TRITON_SPEC) $(TEST_DEPS) $(TRAIN_DEPS)
+	# Nothing below may replace the torch installed above (verl and its
+	# dependencies would accept a newer one): pin it for this one command.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PIP) install -q -c $(VENV)/torch-pin.txt $(INTEGRATION_DEPS)
 	touch $@
 
 # Re-run on every call: ninja rebuilds only what changed in csrc/.
