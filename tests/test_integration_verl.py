@@ -390,7 +390,7 @@ def test_bad_input_is_refused_by_name():
         fn(rewards, mask, index=uids, config=algo(bundel_size=5))
     with pytest.raises(ValueError, match="alpha"):
         fn(rewards, mask, index=uids, config=algo(alpha=0.95))
-    with pytest.raises(ValueError, match="recipe"):
+    with pytest.raises(ValueError, match="algorithm.riskpo.recipe: recipe must be one of"):
         fn(rewards, mask, index=uids, config=algo(recipe="gsm8k"))
     with pytest.raises(ValueError, match="index has 3 uids"):
         fn(rewards, mask, index=uids[:3], config=algo())

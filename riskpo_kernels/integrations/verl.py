@@ -116,12 +116,16 @@ def riskpo_options(config) -> tuple[dict, dict]:
     if not isinstance(section, dict):
         _fail(f"algorithm.riskpo must be a mapping of options, got {type(section).__name__}")
     name = section.get("recipe", "math")
-    allowed = sorted(set(recipe(name)["advantage"]) | set(ADAPTER_OPTIONS))
+    try:
+        table = recipe(name)
+    except ValueError as error:
+        _fail(f"algorithm.riskpo.recipe: {error}")
+    allowed = sorted(set(table["advantage"]) | set(ADAPTER_OPTIONS))
     unknown = sorted(set(map(str, section)) - set(allowed))
     if unknown:
         _fail(f"unknown key(s) {', '.join(f'algorithm.riskpo.{k}' for k in unknown)}; "
               f"the keys are {', '.join(allowed)}")
-    training = recipe(name)["training"]
+    training = table["training"]
     adapter = {"mean_baseline": v.check_bool("algorithm.riskpo.mean_baseline",
                                              section.get("mean_baseline", False)),
                "tracker_lr": v.check_float("algorithm.riskpo.tracker_lr",
