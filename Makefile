@@ -15,7 +15,9 @@ TRAIN_DEPS ?= "transformers>=5.5.3,<5.11,!=5.6.0" tokenizers tqdm pyyaml matplot
 # The trainers our adapters plug into (riskpo_kernels.integrations), tested
 # against the real packages. verl 0.9.1 caps transformers below 5.11, so the
 # whole environment runs the newest transformers both accept (TRAIN_DEPS).
-INTEGRATION_DEPS ?= "verl==0.9.1" "trl==1.16.0" cachetools
+# cachetools, uvicorn and fastapi: verl 0.9.1's ray_trainer imports them
+# without declaring them.
+INTEGRATION_DEPS ?= "verl==0.9.1" "trl==1.16.0" cachetools uvicorn fastapi
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
