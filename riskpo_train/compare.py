@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .buckets import pass_at_k_by_bucket
 from .files import read_records
+from .rollout import reported_ks
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -51,6 +54,14 @@ class Run:
     train: list[dict] = field(default_factory=list)
     eval: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    # What seeds are pooled over: the directory name less a "-seed<N>" suffix
+    # (riskpo-seed0, riskseeking-seed2), else the algo.
+    group: str | None = None
+
+
+def _group_of(path: Path, algo: str | None) -> str | None:
+    match = re.fullmatch(r"(.+)-seed\d+", path.name)
+    return match.group(1) if match else algo
 
 
 def _number(value) -> float | None:
@@ -101,7 +112,7 @@ def load_run(path: str | Path) -> Run:
     seed = int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
     name = f"{algo} seed {seed}" if algo is not None and seed is not None else path.name
     return Run(path=path, name=name, algo=algo, seed=seed, train=train, eval=evals,
-               summary=summary)
+               summary=summary, group=_group_of(path, algo))
 
 
 def _last(records: Sequence[dict], key: str) -> float | None:
@@ -177,6 +188,45 @@ def _mean_std(values: Sequence[float | None], n_runs: int) -> str:
     return text
 
 
+def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs pooled over seeds, by group (see :class:`Run`), in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.group is not None:
+            groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+def _final_counts(run: Run) -> dict | None:
+    """The last evaluation record that holds per-question counts."""
+    return next((r for r in reversed(run.eval) if isinstance(r.get("correct"), list)), None)
+
+
+def bucket_table(runs: Sequence[Run], reference: Run) -> str | None:
+    """Markdown: test Pass@k per difficulty bucket (the reference run's first
+    evaluation sets each question's bucket) for the reference model and, per
+    run group, the final evaluation's mean ± sample std over seeds. None when
+    the evaluations lack per-question counts."""
+    ref_record = next((r for r in reference.eval if isinstance(r.get("correct"), list)), None)
+    finals = {name: [_final_counts(run) for run in group] for name, group in _groups(runs).items()}
+    if ref_record is None or not finals or any(None in records for records in finals.values()):
+        return None
+    samples = {ref_record["k"], *(r["k"] for records in finals.values() for r in records)}
+    ks = reported_ks(min(samples))
+    ref_rows = pass_at_k_by_bucket(ref_record, ref_record, ks)
+    group_rows = {name: [pass_at_k_by_bucket(ref_record, r, ks) for r in records]
+                  for name, records in finals.items()}
+    header = ["bucket (reference pass rate)", "questions", "k", "reference", *finals]
+    rows = []
+    for b, ref_row in enumerate(ref_rows):
+        for k in ks:
+            key = f"pass@{k}"
+            rows.append([ref_row["bucket"], str(ref_row["questions"]), str(k), _fmt(ref_row[key]),
+                         *(_mean_std([per_run[b][key] for per_run in group_rows[name]],
+                                     len(group_rows[name])) for name in finals)])
+    return _markdown(header, rows)
+
+
 def summary_table(runs: Sequence[Run]) -> str:
     """Markdown: one row per run with its final numbers; then, when an algo has
     >= 2 runs, per-algo mean ± sample std over seeds (one row per algo)."""
@@ -197,10 +247,7 @@ def summary_table(runs: Sequence[Run]) -> str:
                      _fmt(_final(run, "train", "clipfrac"))])
     text = _markdown(header, rows)
 
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        if run.algo is not None:
-            groups.setdefault(run.algo, []).append(run)
+    groups = _groups(runs)
     if not any(len(group) >= 2 for group in groups.values()):
         return text + "\n"
     algo_rows = []
@@ -216,8 +263,8 @@ def summary_table(runs: Sequence[Run]) -> str:
                           _mean_std([_final(r, "eval", "entropy") for r in group], n),
                           _mean_std([_final(r, "train", "reward_mean") for r in group], n),
                           _mean_std([_final(r, "train", "clipfrac") for r in group], n)])
-    algo_header = ["algo", "seeds", *header[2:]]
-    return (text + "\n\nPer algo, mean ± sample std over seeds:\n\n"
+    algo_header = ["runs", "seeds", *header[2:]]
+    return (text + "\n\nPer algo (or run group), mean ± sample std over seeds:\n\n"
             + _markdown(algo_header, algo_rows) + "\n")
 
 
@@ -235,7 +282,7 @@ def _styles(runs: Sequence[Run]) -> dict[int, _Style]:
     groups: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
         # A run of unknown algo is its own group, keyed so it cannot meet a real algo.
-        key = run.algo if run.algo is not None else f"\0{i}"
+        key = run.group if run.group is not None else f"\0{i}"
         groups.setdefault(key, []).append(i)
     styles = {}
     for key, members in groups.items():
@@ -389,9 +436,60 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> str:
+def plot_mean_std(runs: Sequence[Run], out_dir: str | Path) -> Path | None:
+    """seeds.png: test Pass@1, Pass@k (the largest k every run reports) and
+    entropy against the step, per run group: the mean over seeds, and a band of
+    one sample std. Steps are those every run of the group evaluated. None (no
+    file) when no group has evaluations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(runs)
+    ks = [k for k in map(_final_k, runs) if k is not None]
+    if not groups or not ks:
+        return None
+    k = min(ks)
+    panels = (("pass@1", "test Pass@1"), (f"pass@{k}", f"test Pass@{k}"),
+              ("entropy", "test entropy (nats/token)"))
+    styles = _styles(runs)
+    color = {run.group: styles[i].color for i, run in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    try:
+        for ax, (key, title) in zip(axes, panels):
+            for name, group in groups.items():
+                series = [dict(zip(*_points(run.eval, key))) for run in group]
+                steps = sorted(set.intersection(*(set(s) for s in series)))
+                if not steps:
+                    continue
+                values = [[s[x] for s in series] for x in steps]
+                mean = [statistics.fmean(v) for v in values]
+                std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+                ax.plot(steps, mean, color=color[name], marker="o", markersize=3,
+                        label=f"{name} (n={len(group)})")
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)],
+                                [m + d for m, d in zip(mean, std)], color=color[name], alpha=0.15,
+                                linewidth=0)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=8, loc="best")
+        fig.suptitle("Test split: mean over seeds, band = ± one sample std")
+        fig.tight_layout()
+        path = Path(out_dir) / "seeds.png"
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
+            reference: str | Path | None = None) -> str:
     """Load the runs, write the plots and comparison.md into out_dir (default: the
-    parent of the first run directory) and return the table."""
+    parent of the first run directory) and return the table. With a
+    ``reference`` run directory (e.g. the warm-up's evaluation), the table also
+    has Pass@k per difficulty bucket of that run's test pass rates."""
     if not paths:
         raise ValueError("compare needs at least one run directory")
     # One run given twice (or through a symlink) would count as two seeds.
@@ -410,7 +508,16 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> s
             run.name = f"{run.name} ({run.path.name})"
     out = Path(out_dir) if out_dir is not None else Path(paths[0]).resolve().parent
     plot_runs(runs, out)
+    plot_mean_std(runs, out)
     table = summary_table(runs)
+    if reference is not None:
+        buckets = bucket_table(runs, load_run(reference))
+        if buckets is None:
+            raise ValueError(f"--reference {reference}: the runs' evaluations have no "
+                             "per-question counts to bucket")
+        table += (f"\nTest Pass@k per difficulty bucket (a question's bucket is its pass rate "
+                  f"in {Path(reference).name}'s first evaluation); mean ± sample std over "
+                  f"seeds:\n\n{buckets}\n")
     (out / "comparison.md").write_text(table, encoding="utf-8")
     return table
 
@@ -426,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where to write the PNGs and comparison.md "
                              "(default: the parent of the first RUN_DIR)")
+    parser.add_argument("--reference", metavar="RUN_DIR", default=None,
+                        help="a run whose first evaluation sets each test question's "
+                             "difficulty bucket (e.g. the warm-up's): adds Pass@k per bucket")
     args = parser.parse_args(argv)
     for run in args.runs:
         if not Path(run).is_dir():
@@ -433,8 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (Path(run) / METRICS_FILE).is_file():
             parser.error(f"{run}: no {METRICS_FILE} (not a run directory?)")
     try:
-        table = compare(args.runs, args.out)
-    except ValueError as exc:
+        table = compare(args.runs, args.out, args.reference)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     print(table, end="")

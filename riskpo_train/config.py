@@ -12,10 +12,23 @@ from pathlib import Path
 
 from riskpo_kernels.common import AGGREGATIONS, CREDITS, QUANTILE_MODES
 from riskpo_kernels.policy.aggregation import SCALED
+from riskpo_kernels.recipes import RECIPES, recipe
+
 
 from .task import OPERATORS
 
 ALGOS = ("riskpo", "grpo")
+RECIPE_NAMES = tuple(RECIPES)
+# A recipe's training values, under this trainer's option names.
+_RECIPE_TRAINING_OPTIONS = {
+    "samples_per_prompt": "group_size", "prompts_per_step": "prompts_per_step",
+    "minibatches": "minibatches", "epochs": "ppo_epochs", "lr": "lr",
+    "weight_decay": "weight_decay", "clip_low": "clip_low", "clip_high": "clip_high",
+    "clip_ratio_c": "clip_ratio_c", "grad_clip": "max_grad_norm", "kl_coef": "kl_coef",
+    "entropy_coef": "entropy_coef", "agg": "loss_agg", "temperature": "temperature",
+    "tracker_lr": "tracker_lr"}
+# The trainer's RiskPO defaults are the published math recipe's (as it ran).
+_MATH = RECIPES["math"]["advantage"]
 LOSS_AGGS = AGGREGATIONS
 REWARD_NAMES = ("auto", "exact", "math")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +42,9 @@ def _opt(default, help, choices=None, **kw):
 class TrainConfig:
     # The run.
     algo: str = _opt("riskpo", "advantage estimator: RiskPO's Mixed-VaR or GRPO", ALGOS)
+    recipe: str | None = _opt(None, "a published RiskPO recipe as it ran (riskpo_kernels/recipes.py):"
+                                    " its values replace the defaults; the config file and flags "
+                                    "still override them", RECIPE_NAMES)
     out: str = _opt("runs/default", "output directory: metrics, checkpoint, final model")
     seed: int = _opt(0, "seed of prompt choice, sampling and everything random in RL")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
@@ -81,16 +97,20 @@ class TrainConfig:
     param_dtype: str = _opt("float32", "under torchrun: FSDP mixed precision, the dtype forward "
                                        "and backward run in (master weights, optimizer and "
                                        "gradient reduction stay float32)", PARAM_DTYPES)
-    # RiskPO (spec sections 3-6; defaults of the reference runs, section 9).
-    bundle_size: int = _opt(5, "Q: prompts per bundle")
-    alpha: float = _opt(0.2, "lower quantile level")
-    beta: float = _opt(0.8, "upper quantile level")
-    w_low: float = _opt(1.5, "weight of the lower tail (CVaR) part")
-    w_high: float = _opt(0.0, "weight of the upper tail (risk-seeking) part")
-    quantile_mode: str = _opt("track", "quantiles: batch, tracked, or their mix", QUANTILE_MODES)
-    credit: str = _opt("std", "credit of a paper's advantage to its responses", CREDITS)
-    normalize_std: bool = _opt(True, "divide advantages by the bundle score's std")
-    natural_baseline: bool = _opt(True, "c = q_lo - q_hi in the middle part")
+    # RiskPO (spec sections 3-6): defaults of the published math recipe as it ran
+    # (section 9), per-bundle batch quantiles included (section 6).
+    bundle_size: int = _opt(_MATH["bundle_size"], "Q: prompts per bundle")
+    alpha: float = _opt(_MATH["alpha"], "lower quantile level")
+    beta: float = _opt(_MATH["beta"], "upper quantile level")
+    w_low: float = _opt(_MATH["w_low"], "weight of the lower tail (CVaR) part")
+    w_high: float = _opt(_MATH["w_high"], "weight of the upper tail (risk-seeking) part")
+    quantile_mode: str = _opt(_MATH["quantile_mode"], "quantiles: per-bundle batch (what the "
+                                                      "published runs used), the tracker's "
+                                                      "(the spec's track), or their mix",
+                              QUANTILE_MODES)
+    credit: str = _opt(_MATH["credit"], "credit of a paper's advantage to its responses", CREDITS)
+    normalize_std: bool = _opt(_MATH["normalize_std"], "divide advantages by the bundle score's std")
+    natural_baseline: bool = _opt(_MATH["natural_baseline"], "c = q_lo - q_hi in the middle part")
     mean_baseline: bool = _opt(False, "subtract the tracker's mean baselines")
     tracker_lr: float = _opt(0.1, "quantile tracker step size")
     # GRPO.
@@ -115,7 +135,8 @@ class TrainConfig:
             setattr(self, f.name, check_type(f, getattr(self, f.name)))
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in choices \
+                    and not (f.name == "recipe" and self.recipe is None):
                 raise OptionError(f.name, f"--{_flag(f.name)} must be one of {', '.join(choices)}, "
                                           f"got {getattr(self, f.name)!r}")
         positive = ("prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "minibatches",
@@ -163,14 +184,24 @@ class TrainConfig:
                 raise OptionError(("loss_scale_factor", "loss_agg"),
                                   f"--loss-scale-factor applies to --loss-agg "
                                   f"{' or '.join(SCALED)} only, got --loss-agg {self.loss_agg}")
-        if self.algo == "riskpo" and self.prompts_per_step % self.bundle_size:
-            raise OptionError(("prompts_per_step", "bundle_size"),
-                              f"--prompts-per-step ({self.prompts_per_step}) must be a multiple of "
-                              f"--bundle-size ({self.bundle_size}): RiskPO scores whole bundles")
         return self
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> TrainConfig:
+        """The recipe's values over the defaults, ``overrides`` over both; validated."""
+        return cls(**{**recipe_options(name), **overrides, "recipe": name}).validate()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def recipe_options(name: str) -> dict:
+    """{option: value} of recipe ``name`` (``math`` or ``dapo``) in this trainer's terms."""
+    chosen = recipe(name)
+    options = dict(chosen["advantage"])
+    for key, value in chosen["training"].items():
+        options[_RECIPE_TRAINING_OPTIONS[key]] = value
+    return options
 
 
 def _flag(name: str) -> str:
@@ -325,6 +356,11 @@ def parse_config(argv=None) -> TrainConfig:
     values = load_yaml(path) if path else {}
     from_file = set(values) - set(args)
     values.update(args)
+    if values.get("recipe") is not None:  # the recipe fills what neither file nor flag set
+        if values["recipe"] not in RECIPES:
+            raise OptionError("recipe", f"--recipe must be one of {', '.join(RECIPE_NAMES)}, "
+                                        f"got {values['recipe']!r}")
+        values = {**recipe_options(values["recipe"]), **values}
     try:
         return TrainConfig(**values).validate()
     except OptionError as exc:

@@ -169,6 +169,16 @@ def sample(generate: Callable, tokenizer, prompts: list[str], answers: list[str]
                    completions, errors)
 
 
+# The k of Pass@k that evaluations report (those <= the samples per question,
+# and the number of samples itself).
+REPORTED_KS = (1, 4, 16, 32)
+
+
+def reported_ks(num_samples: int) -> list[int]:
+    """The k an evaluation with ``num_samples`` samples per question reports."""
+    return sorted({k for k in REPORTED_KS if k <= num_samples} | {num_samples})
+
+
 def pass_at_k(num_samples: int, num_correct: torch.Tensor, k: int) -> torch.Tensor:
     """Unbiased Pass@k per question (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
 

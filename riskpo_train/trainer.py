@@ -46,7 +46,7 @@ from .model import (
     save_model_dir,
 )
 from .policy import Policy
-from .rollout import Rollout, check_prompt_lengths, pass_at_k, sample
+from .rollout import Rollout, check_prompt_lengths, pass_at_k, reported_ks, sample
 from .task import ArithmeticTask
 from .update import rollout_logprobs, update
 from .warmup import cached_model_dir, supervised_warmup
@@ -300,8 +300,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """Pass@1 and Pass@k (k = eval_samples) on the test split; each rank
-        takes every world-th question, sampled with the training temperature."""
+        """Pass@k for every k of ``reported_ks(eval_samples)`` on the test split,
+        and each question's number of successes (``correct``, in test-split
+        order: the difficulty buckets of ``riskpo-train compare`` read it).
+        Each rank takes every world-th question, sampled with the training
+        temperature."""
         cfg, ctx = self.cfg, self.ctx
         questions = self.test_set[:cfg.eval_questions] if cfg.eval_questions else self.test_set
         mine = questions[ctx.rank::ctx.world]
@@ -312,22 +315,37 @@ class Trainer:
             weight = 1.0
         batch = self._sample(mine, cfg.eval_samples, ("eval", step))
         k = cfg.eval_samples
-        successes = (batch.rewards >= cfg.success_threshold - 1e-9).float().view(-1, k)
+        correct = (batch.rewards >= cfg.success_threshold - 1e-9).view(-1, k).sum(1)
         _, entropy = rollout_logprobs(self.policy, batch, cfg.micro_batch_size)
+        ks = reported_ks(k)
         stats = torch.stack([
-            successes.mean(1).sum(dtype=torch.float64),
-            pass_at_k(k, successes.sum(1), k).sum().to(torch.float64),
+            *(pass_at_k(k, correct, j).sum().to(torch.float64) for j in ks),
             batch.rewards.view(-1, k).mean(1).sum(dtype=torch.float64),
             (entropy * batch.response_mask).sum(dtype=torch.float64),
             batch.response_mask.sum(dtype=torch.float64),
             torch.tensor(float(len(mine)), dtype=torch.float64, device=ctx.device)]) * weight
         ctx.all_reduce_sum(stats)
-        count = stats[5].clamp(min=1)
-        return {"kind": "eval", "step": step, "pass@1": (stats[0] / count).item(),
-                "pass@k": (stats[1] / count).item(), "k": k,
-                "reward_mean": (stats[2] / count).item(),
-                "entropy": (stats[3] / stats[4].clamp(min=1)).item(),
-                "questions": int(stats[5].item())}
+        count = stats[-1].clamp(min=1)
+        record = {"kind": "eval", "step": step, "k": k}
+        record.update({f"pass@{j}": (stats[i] / count).item() for i, j in enumerate(ks)})
+        record["pass@k"] = record[f"pass@{k}"]
+        record.update({"reward_mean": (stats[-4] / count).item(),
+                       "entropy": (stats[-3] / stats[-2].clamp(min=1)).item(),
+                       "questions": int(stats[-1].item()),
+                       "correct": self._gather_question_counts(correct, len(questions),
+                                                               weight > 0)})
+        return record
+
+    def _gather_question_counts(self, counts: torch.Tensor, questions: int, mine: bool) -> list:
+        """Every rank's per-question counts, back in test-split order (rank r
+        held questions r, r + world, ...)."""
+        ctx = self.ctx
+        width = -(-questions // ctx.world)  # ranks hold equal shares, padded with -1
+        padded = torch.full((width,), -1, dtype=torch.int64, device=ctx.device)
+        if mine:
+            padded[:counts.numel()] = counts
+        table = ctx.all_gather_cat(padded).view(ctx.world, width)
+        return [c for c in table.t().reshape(-1).tolist() if c >= 0][:questions]
 
     # --- checkpoints -----------------------------------------------------------------
 

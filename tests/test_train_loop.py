@@ -213,9 +213,9 @@ def test_pass_at_k_is_the_probability_that_k_draws_contain_a_success(n, k):
 
 
 def test_bad_options_and_inputs_get_clear_errors(tmp_path, warmup_cache):
-    with pytest.raises(ValueError, match="--prompts-per-step .* multiple of --bundle-size"):
-        tiny_config(tmp_path, warmup_cache, prompts_per_step=12).validate()
-    tiny_config(tmp_path, warmup_cache, prompts_per_step=12, algo="grpo").validate()
+    # The last bundle may hold fewer prompts, as in the published math recipe
+    # (1024 prompts in bundles of 5).
+    tiny_config(tmp_path, warmup_cache, prompts_per_step=12, bundle_size=5).validate()
     with pytest.raises(ValueError, match="--alpha"):
         tiny_config(tmp_path, warmup_cache, alpha=0.9).validate()
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,0 +1,204 @@
+"""Issue 12: the published recipes as trainer presets, Pass@k at several k with
+per-question counts, Pass@k per difficulty bucket, and the experiment table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from riskpo_kernels.recipes import RECIPES, advantage_options  # noqa: E402
+from riskpo_train import compare as cmp  # noqa: E402
+from riskpo_train.buckets import BUCKETS, bucket_of, pass_at_k_by_bucket  # noqa: E402
+from riskpo_train.config import OptionError, TrainConfig, parse_config, recipe_options  # noqa: E402
+from riskpo_train.demo import demo_options  # noqa: E402
+from riskpo_train.experiments import EXPERIMENTS, _run_dir  # noqa: E402
+from riskpo_train.rollout import pass_at_k, reported_ks  # noqa: E402
+
+
+# --- recipes --------------------------------------------------------------------------
+
+def test_math_recipe_sets_every_published_value():
+    cfg = parse_config(["--recipe", "math"])
+    assert (cfg.bundle_size, cfg.alpha, cfg.beta, cfg.w_low, cfg.w_high) == (5, 0.2, 0.9, 1.5, 0.0)
+    assert (cfg.quantile_mode, cfg.credit, cfg.normalize_std, cfg.natural_baseline) == \
+        ("batch", "std", True, True)
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.minibatches, cfg.ppo_epochs) == (5, 1024, 2, 1)
+    assert (cfg.lr, cfg.weight_decay, cfg.max_grad_norm) == (1e-6, 0.01, 1.0)
+    assert (cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c) == (0.2, 0.2, 3.0)
+    assert (cfg.kl_coef, cfg.entropy_coef, cfg.loss_agg, cfg.temperature) == \
+        (0.0, 0.0, "token-mean", 1.0)
+    assert cfg.recipe == "math"
+
+
+def test_dapo_recipe_differs_where_the_published_run_did():
+    cfg = parse_config(["--recipe", "dapo"])
+    assert (cfg.beta, cfg.group_size, cfg.credit, cfg.natural_baseline) == (0.8, 10, "sum-mean", False)
+    assert (cfg.prompts_per_step, cfg.minibatches) == (512, 4)
+
+
+def test_flags_and_config_file_override_the_recipe(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: math\nbeta: 0.7\nlr: 0.001\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.002", "--quantile-mode", "track"])
+    assert (cfg.recipe, cfg.beta, cfg.lr, cfg.quantile_mode, cfg.group_size) == \
+        ("math", 0.7, 0.002, "track", 5)
+    cfg = TrainConfig.from_recipe("math", prompts_per_step=100)
+    assert (cfg.prompts_per_step, cfg.group_size) == (100, 5)
+
+
+def test_unknown_recipe_is_refused_by_name(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: gsm8k\n")
+    with pytest.raises(OptionError, match="--recipe must be one of math, dapo, got 'gsm8k'"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        TrainConfig.from_recipe("gsm8k")
+    with pytest.raises(ValueError, match=r"unknown RiskPO advantage option\(s\) \['gamma'\]"):
+        advantage_options("math", gamma=1)
+
+
+def test_trainer_defaults_are_the_math_recipes_advantage():
+    cfg = TrainConfig()
+    for key, value in RECIPES["math"]["advantage"].items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.recipe is None
+
+
+def test_every_recipe_value_is_a_trainer_option():
+    for name in RECIPES:
+        options = recipe_options(name)
+        assert len(options) == len(RECIPES[name]["advantage"]) + len(RECIPES[name]["training"])
+        TrainConfig(**options).validate()
+
+
+def test_partial_last_bundle_is_allowed_as_in_the_published_run():
+    # 1024 prompts in bundles of 5: 204 bundles and one of 4.
+    TrainConfig.from_recipe("math")
+
+
+# --- Pass@k at several k, per question ------------------------------------------------
+
+def test_reported_ks():
+    assert reported_ks(32) == [1, 4, 16, 32]
+    assert reported_ks(8) == [1, 4, 8]
+    assert reported_ks(1) == [1]
+
+
+def test_eval_records_hold_every_k_and_per_question_counts(tmp_path):
+    from riskpo_train.distributed import DistContext
+    from riskpo_train.trainer import Trainer
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), warmup_steps=0, tiny_hidden_size=32,
+                      task_test_size=20, rl_steps=1, prompts_per_step=10, group_size=4,
+                      max_new_tokens=4, eval_every=0, eval_questions=7, eval_samples=5,
+                      progress=False, device="cpu", lr=1e-3)
+    Trainer(cfg, DistContext()).run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1]
+    for record in evals:
+        assert record["k"] == 5 and len(record["correct"]) == 7
+        assert all(0 <= c <= 5 for c in record["correct"])
+        import torch
+        counts = torch.tensor(record["correct"])
+        for k in (1, 4, 5):
+            assert record[f"pass@{k}"] == pytest.approx(pass_at_k(5, counts, k).mean().item())
+        assert record["pass@k"] == record["pass@5"]
+        assert record["pass@1"] == pytest.approx(sum(record["correct"]) / 35)
+
+
+# --- buckets --------------------------------------------------------------------------
+
+def test_bucket_edges():
+    names = [b[0] for b in BUCKETS]
+    assert names[bucket_of(0, 32)].startswith("unsolved")
+    assert names[bucket_of(1, 32)].startswith("hard")
+    assert names[bucket_of(8, 32)].startswith("hard")       # 0.25 is in (0, 0.25]
+    assert names[bucket_of(9, 32)].startswith("medium")
+    assert names[bucket_of(24, 32)].startswith("medium")    # 0.75 is in (0.25, 0.75]
+    assert names[bucket_of(25, 32)].startswith("easy")
+    assert names[bucket_of(32, 32)].startswith("easy")
+    with pytest.raises(ValueError, match="0 <= correct <= samples"):
+        bucket_of(5, 4)
+
+
+def test_pass_at_k_by_bucket_by_hand():
+    # Reference with 4 samples: questions 0, 1 unsolved; 2 hard (1/4); 3 easy (4/4).
+    reference = {"k": 4, "correct": [0, 0, 1, 4]}
+    # Later model, 4 samples: 2 of 4, 0 of 4, 4 of 4, 3 of 4.
+    later = {"k": 4, "correct": [2, 0, 4, 3]}
+    rows = {r["bucket"].split()[0]: r for r in pass_at_k_by_bucket(reference, later, [1, 2])}
+    assert rows["unsolved"]["questions"] == 2
+    assert rows["unsolved"]["pass@1"] == pytest.approx((0.5 + 0.0) / 2)
+    # Pass@2 with 2 of 4 correct: 1 - C(2,2)/C(4,2) = 5/6.
+    assert rows["unsolved"]["pass@2"] == pytest.approx((5 / 6 + 0.0) / 2)
+    assert rows["hard"]["pass@1"] == 1.0 and rows["easy"]["pass@1"] == 0.75
+    assert rows["medium"]["questions"] == 0 and rows["medium"]["pass@1"] is None
+
+
+def test_pass_at_k_by_bucket_refuses_mismatched_records():
+    with pytest.raises(ValueError, match="not the same test questions"):
+        pass_at_k_by_bucket({"k": 4, "correct": [0, 1]}, {"k": 4, "correct": [0]}, [1])
+    with pytest.raises(ValueError, match="no per-question counts"):
+        pass_at_k_by_bucket({"k": 4, "pass@1": 0.5}, {"k": 4, "correct": [0]}, [1])
+    with pytest.raises(ValueError, match="k=8 needs 1 <= k <= 4"):
+        pass_at_k_by_bucket({"k": 4, "correct": [0]}, {"k": 4, "correct": [0]}, [8])
+
+
+def _write_run(root: Path, name: str, algo: str, seed: int, finals: list[int]) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    evals = [{"kind": "eval", "step": 0, "k": 4, "pass@1": 0.25, "pass@4": 0.5,
+              "pass@k": 0.5, "entropy": 1.0, "correct": [0, 1, 4, 2]},
+             {"kind": "eval", "step": 5, "k": 4, "pass@1": sum(finals) / 16,
+              "pass@4": 0.75, "pass@k": 0.75, "entropy": 0.5 + seed, "correct": finals}]
+    train = [{"kind": "train", "step": s, "reward_mean": 0.1 * s, "pass@1": 0.1, "pass@k": 0.2,
+              "entropy": 1.0, "clipfrac": 0.0} for s in range(1, 6)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [evals[0], *train,
+                                                                           evals[1]]))
+    (d / "config.json").write_text(json.dumps({"algo": algo, "seed": seed}))
+    return d
+
+
+def test_compare_groups_by_directory_and_tables_the_buckets(tmp_path):
+    runs = [_write_run(tmp_path, "riskseeking-seed0", "riskpo", 0, [1, 2, 4, 2]),
+            _write_run(tmp_path, "riskseeking-seed1", "riskpo", 1, [3, 2, 4, 2]),
+            _write_run(tmp_path, "riskpo-seed0", "riskpo", 0, [0, 0, 4, 4])]
+    reference = _write_run(tmp_path, "warmup", "riskpo", 0, [0, 1, 4, 2])
+    table = cmp.compare(runs, out_dir=tmp_path / "out", reference=reference)
+    assert "| riskseeking |     2 |" in table and "| riskpo      |     1 |" in table
+    # Buckets from the reference's first evaluation: q0 unsolved, q1 hard, q2 easy, q3 medium.
+    line = next(row for row in table.splitlines()
+                if row.startswith("| unsolved") and "|   1 |" in row)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    # reference Pass@1 0; riskseeking seeds 1/4 and 3/4: 0.500 ± 0.354; riskpo 0.
+    assert cells[1:] == ["1", "1", "0.000", "0.500 ± 0.354", "0.000"]
+    assert (tmp_path / "out" / "seeds.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no per-question counts"):
+        legacy = tmp_path / "legacy-seed0"
+        legacy.mkdir()
+        (legacy / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 0, "k": 4,
+                                                          "pass@1": 0.5}) + "\n")
+        cmp.compare([legacy], out_dir=tmp_path / "out2", reference=legacy)
+
+
+# --- the demo's and the experiments' settings ------------------------------------------
+
+def test_demo_and_every_experiment_run_are_valid_configs():
+    TrainConfig(**demo_options()).validate()
+    for name, experiment in EXPERIMENTS.items():
+        for run_name, options in experiment.runs.items():
+            cfg = TrainConfig(**demo_options(**options)).validate()
+            if options.get("algo") == "grpo" or run_name.startswith("grpo"):
+                assert cfg.algo == "grpo"
+            assert _run_dir(Path("o"), name, run_name, 0).name == f"{run_name}-seed0"
+
+
+def test_bundling_experiment_keeps_the_prompt_budget():
+    runs = EXPERIMENTS["bundling"].runs
+    budgets = {o["prompts_per_step"] * o["rl_steps"] for o in runs.values()}
+    assert len(budgets) == 1 and {o["prompts_per_step"] for o in runs.values()} == {20, 60, 200}
