@@ -98,6 +98,15 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
     impl: ``auto`` (the compiled kernel for the tensor's device), ``reference``,
         ``cpp`` or ``cuda``.
 
+    Defaults are the spec's formula at its plainest: uniform credit (each
+    response gets its paper's advantage) and beta 0.8 (section 3). No single
+    default is "the paper's": its two published recipes differ in beta, credit
+    and baseline. For one of them, pass its options::
+
+        rk.mvar_advantages(rewards, group_size=n, **rk.recipes.advantage_options("math"))
+
+    (``riskpo-train`` defaults to the math recipe's options.)
+
     Returns an :class:`MVaRResult`. Non-finite rewards raise ``ValueError`` on
     CPU; on CUDA (no host sync) they make their bundle's advantages and
     quantiles NaN.
