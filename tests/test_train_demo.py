@@ -32,3 +32,27 @@ def test_the_demo_runs_both_algorithms_and_compares_them(tmp_path):
     assert "riskpo seed 0" in run.stdout  # the table is printed
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "overview.png").stat().st_size > 0
+
+
+def test_an_experiment_runs_shares_the_base_runs_and_writes_its_docs(tmp_path):
+    out, docs = tmp_path / "exp", tmp_path / "docs"
+    toy = ["--warmup-steps", "20", "--tiny-hidden-size", "32", "--task-test-size", "20",
+           "--prompts-per-step", "10", "--group-size", "4", "--eval-questions", "6",
+           "--eval-samples", "2", "--eval-every", "1", "--rl-steps", "1"]
+    cmd = [sys.executable, "-m", "riskpo_train.experiments", "credit", "--seeds", "0",
+           "--out", str(out), "--docs", str(docs), "--warmup-cache", str(tmp_path / "cache"),
+           "--", *toy]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # The demo's RiskPO settings live in base/, shared with other experiments.
+    assert (out / "base" / "riskpo-seed0" / "summary.json").is_file()
+    assert (out / "credit" / "riskpo-score-seed0" / "summary.json").is_file()
+    config = (out / "credit" / "riskpo-score-seed0" / "config.json").read_text()
+    assert '"credit": "score"' in config and '"recipe": "math"' in config
+    table = (docs / "credit" / "comparison.md").read_text()
+    assert "difficulty bucket" in table and "riskpo-score" in table
+    # A second call finds every run done and trains nothing.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert again.returncode == 0 and "2 runs, 0 to train" in again.stdout
