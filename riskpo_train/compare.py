@@ -203,25 +203,37 @@ def _final_counts(run: Run) -> dict | None:
 
 
 def bucket_table(runs: Sequence[Run], reference: Run) -> str | None:
-    """Markdown: test Pass@k per difficulty bucket (the reference run's first
-    evaluation sets each question's bucket) for the reference model and, per
-    run group, the final evaluation's mean ± sample std over seeds. None when
-    the evaluations lack per-question counts."""
-    ref_record = next((r for r in reference.eval if isinstance(r.get("correct"), list)), None)
-    finals = {name: [_final_counts(run) for run in group] for name, group in _groups(runs).items()}
-    if ref_record is None or not finals or any(None in records for records in finals.values()):
+    """Markdown: test Pass@k per difficulty bucket, for the runs' first
+    evaluation (step 0: one model for all, so pooled over every run) and, per
+    run group, the final evaluation (mean ± sample std over seeds). A
+    question's bucket is its pass rate in the reference run's first
+    evaluation, which must be an independent draw (another seed): bucketed by
+    the very samples it is scored on, a "hard" question would look solved at
+    step 0 by selection alone. None when the evaluations lack per-question
+    counts."""
+    def with_counts(records):
+        return [r for r in records if isinstance(r.get("correct"), list)]
+
+    ref_records = with_counts(reference.eval)
+    groups = _groups(runs)
+    firsts = [with_counts(run.eval)[:1] for run in runs]
+    finals = {name: [_final_counts(run) for run in group] for name, group in groups.items()}
+    if not ref_records or not finals or not all(firsts) \
+            or any(None in records for records in finals.values()):
         return None
-    samples = {ref_record["k"], *(r["k"] for records in finals.values() for r in records)}
+    ref_record, firsts = ref_records[0], [f[0] for f in firsts]
+    samples = {r["k"] for r in firsts} | {r["k"] for rs in finals.values() for r in rs}
     ks = reported_ks(min(samples))
-    ref_rows = pass_at_k_by_bucket(ref_record, ref_record, ks)
+    start_rows = [pass_at_k_by_bucket(ref_record, r, ks) for r in firsts]
     group_rows = {name: [pass_at_k_by_bucket(ref_record, r, ks) for r in records]
                   for name, records in finals.items()}
-    header = ["bucket (reference pass rate)", "questions", "k", "reference", *finals]
+    header = ["bucket (reference pass rate)", "questions", "k", "step 0 (all runs)", *finals]
     rows = []
-    for b, ref_row in enumerate(ref_rows):
+    for b, first in enumerate(start_rows[0]):
         for k in ks:
             key = f"pass@{k}"
-            rows.append([ref_row["bucket"], str(ref_row["questions"]), str(k), _fmt(ref_row[key]),
+            rows.append([first["bucket"], str(first["questions"]), str(k),
+                         _mean_std([per_run[b][key] for per_run in start_rows], len(start_rows)),
                          *(_mean_std([per_run[b][key] for per_run in group_rows[name]],
                                      len(group_rows[name])) for name in finals)])
     return _markdown(header, rows)

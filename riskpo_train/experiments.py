@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .demo import DEMO_RL_STEPS, _command, _run_all, demo_options
+from .demo import BUCKET_SEED, DEMO_RL_STEPS, _command, _run_all, demo_options
 
 # Fixed sample budget of the bundling experiment: prompts per step x steps.
 PROMPT_BUDGET = 100 * DEMO_RL_STEPS
@@ -89,8 +89,8 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
 
     warmup = out / "warmup"
     if not (warmup / "summary.json").is_file():
-        _run_all([(warmup, _command(warmup, extra, rl_steps=0, warmup_cache=warmup_cache,
-                                    **demo_options()))], 1)
+        _run_all([(warmup, _command(warmup, extra, rl_steps=0, seed=BUCKET_SEED,
+                                    warmup_cache=warmup_cache, **demo_options()))], 1)
     for name in names:
         experiment = EXPERIMENTS[name]
         began = time.perf_counter()

@@ -175,8 +175,8 @@ def test_compare_groups_by_directory_and_tables_the_buckets(tmp_path):
     line = next(row for row in table.splitlines()
                 if row.startswith("| unsolved") and "|   1 |" in row)
     cells = [c.strip() for c in line.strip("|").split("|")]
-    # reference Pass@1 0; riskseeking seeds 1/4 and 3/4: 0.500 ± 0.354; riskpo 0.
-    assert cells[1:] == ["1", "1", "0.000", "0.500 ± 0.354", "0.000"]
+    # step 0 (every run: 0 of 4) Pass@1 0; riskseeking seeds 1/4 and 3/4: 0.500 ± 0.354; riskpo 0.
+    assert cells[1:] == ["1", "1", "0.000 ± 0.000", "0.500 ± 0.354", "0.000"]
     assert (tmp_path / "out" / "seeds.png").stat().st_size > 0
     with pytest.raises(ValueError, match="no per-question counts"):
         legacy = tmp_path / "legacy-seed0"
