@@ -77,6 +77,54 @@ EXPERIMENTS = {
 }
 
 
+# The advantage-signal simulation: RiskPO settings whose advantages it measures.
+SIGNAL_SETTINGS = {"math recipe (credit std)": {}, "credit score": {"credit": "score"},
+                   "credit uniform": {"credit": "uniform"}, "bundle 2": {"bundle_size": 2},
+                   "bundle 1": {"bundle_size": 1}}
+
+
+def advantage_signal(pass_rates, prompts: int = 100, samples: int = 5, repeats: int = 400,
+                     seed: int = 0) -> str:
+    """How much of a response's own reward its RiskPO advantage carries, without
+    training: prompts drawn from ``pass_rates`` (e.g. the warm-up's per-question
+    rates), Bernoulli rewards, ``rk.mvar_advantages`` with the math recipe.
+
+    Reports, per setting of SIGNAL_SETTINGS, the mean within-prompt correlation
+    of advantage and reward over prompts with mixed answers (GRPO: 1 by
+    construction), and the mean advantage of prompts answered all right and all
+    wrong (GRPO: 0). Returns a markdown table."""
+    import torch
+
+    import riskpo_kernels as rk
+
+    rates = torch.as_tensor(pass_rates, dtype=torch.float64)
+    rows = []
+    for name, change in SIGNAL_SETTINGS.items():
+        options = rk.recipes.advantage_options("math", **change)
+        generator = torch.Generator().manual_seed(seed)
+        correlations, all_right, all_wrong = [], [], []
+        for _ in range(repeats):
+            p = rates[torch.randint(len(rates), (prompts,), generator=generator)]
+            rewards = (torch.rand(prompts, samples, generator=generator,
+                                  dtype=torch.float64) < p[:, None]).double()
+            adv = rk.mvar_advantages(rewards, group_size=samples, **options).advantages
+            adv = adv.view(prompts, samples)
+            solved = rewards.sum(1)
+            centred_a = adv - adv.mean(1, keepdim=True)
+            centred_r = rewards - rewards.mean(1, keepdim=True)
+            norms = centred_a.norm(dim=1) * centred_r.norm(dim=1)
+            mixed = (solved > 0) & (solved < samples) & (norms > 0)
+            correlations += ((centred_a * centred_r).sum(1)[mixed] / norms[mixed]).tolist()
+            all_right += adv[solved == samples].mean(1).tolist()
+            all_wrong += adv[solved == 0].mean(1).tolist()
+        rows.append(f"| {name} | {sum(correlations) / len(correlations):.2f} | "
+                    f"{sum(all_right) / max(len(all_right), 1):+.2f} | "
+                    f"{sum(all_wrong) / max(len(all_wrong), 1):+.2f} |")
+    return ("| RiskPO setting | corr(advantage, own reward), mixed prompts | mean advantage, "
+            "all right | mean advantage, all wrong |\n| :--- | ---: | ---: | ---: |\n"
+            + "\n".join(rows) + "\n")
+
+
 def _run_dir(out: Path, experiment: str, name: str, seed: int) -> Path:
     """Where a run lives: the demo's settings (BASE) in out/base, shared by
     every experiment that has them; the rest in out/EXPERIMENT."""
@@ -93,6 +141,15 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
         _run_all([(warmup, _command(warmup, extra, rl_steps=0, seed=BUCKET_SEED,
                                     warmup_cache=warmup_cache, **demo_options()))], 1)
     for name in names:
+        if name == "signal":
+            import json
+
+            first = json.loads((warmup / "metrics.jsonl").read_text().splitlines()[0])
+            table = advantage_signal([c / first["k"] for c in first["correct"]])
+            (docs / "signal.md").parent.mkdir(parents=True, exist_ok=True)
+            (docs / "signal.md").write_text(table)
+            print(f"[signal]\n{table}", flush=True)
+            continue
         experiment = EXPERIMENTS[name]
         began = time.perf_counter()
         pending, dirs = [], []
@@ -121,15 +178,16 @@ def main(argv=None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m riskpo_train.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=list(EXPERIMENTS), metavar="NAME",
-                        help=f"experiments to run: {', '.join(EXPERIMENTS)} (default: all)")
+    parser.add_argument("names", nargs="*", default=[*EXPERIMENTS, "signal"], metavar="NAME",
+                        help=f"experiments to run: {', '.join(EXPERIMENTS)}, signal (the "
+                             "advantage-signal simulation, no training); default: all")
     parser.add_argument("--out", default="runs/experiments")
     parser.add_argument("--docs", default="docs/experiments")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--warmup-cache", default="runs/warmup-cache")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    unknown = [n for n in args.names if n not in EXPERIMENTS and n != "signal"]
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
     run_experiments(args.names, Path(args.out), Path(args.docs), args.seeds, args.jobs,

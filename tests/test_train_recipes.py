@@ -202,3 +202,18 @@ def test_bundling_experiment_keeps_the_prompt_budget():
     runs = EXPERIMENTS["bundling"].runs
     budgets = {o["prompts_per_step"] * o["rl_steps"] for o in runs.values()}
     assert len(budgets) == 1 and {o["prompts_per_step"] for o in runs.values()} == {20, 60, 200}
+
+
+def test_advantage_signal_simulation():
+    from riskpo_train.experiments import advantage_signal
+
+    table = advantage_signal([0.0, 0.3, 0.6, 1.0], prompts=20, repeats=5)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in table.splitlines()[2:]}
+    # A bundle of one prompt: the advantage is a function of the response's own
+    # reward (correlation 1) and a prompt with one outcome gets 0, as in GRPO.
+    assert rows["bundle 1"] == ["1.00", "+0.00", "+0.00"]
+    # The math recipe's bundles mix prompts: weaker signal, and the natural
+    # baseline pushes a prompt answered right every time down.
+    corr, all_right, _ = rows["math recipe (credit std)"]
+    assert 0 < float(corr) < 0.95 and float(all_right) < 0
