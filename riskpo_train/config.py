@@ -42,9 +42,10 @@ def _opt(default, help, choices=None, **kw):
 class TrainConfig:
     # The run.
     algo: str = _opt("riskpo", "advantage estimator: RiskPO's Mixed-VaR or GRPO", ALGOS)
-    recipe: str | None = _opt(None, "a published RiskPO recipe as it ran (riskpo_kernels/recipes.py):"
-                                    " its values replace the defaults; the config file and flags "
-                                    "still override them", RECIPE_NAMES)
+    recipe: str | None = _opt(None, "a published RiskPO recipe as it ran "
+                                    "(riskpo_kernels/recipes.py): its values replace the "
+                                    "defaults; the config file and flags still override them",
+                              RECIPE_NAMES)
     out: str = _opt("runs/default", "output directory: metrics, checkpoint, final model")
     seed: int = _opt(0, "seed of prompt choice, sampling and everything random in RL")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:N")
@@ -109,7 +110,8 @@ class TrainConfig:
                                                       "(the spec's track), or their mix",
                               QUANTILE_MODES)
     credit: str = _opt(_MATH["credit"], "credit of a paper's advantage to its responses", CREDITS)
-    normalize_std: bool = _opt(_MATH["normalize_std"], "divide advantages by the bundle score's std")
+    normalize_std: bool = _opt(_MATH["normalize_std"],
+                               "divide advantages by the bundle score's std")
     natural_baseline: bool = _opt(_MATH["natural_baseline"], "c = q_lo - q_hi in the middle part")
     mean_baseline: bool = _opt(False, "subtract the tracker's mean baselines")
     tracker_lr: float = _opt(0.1, "quantile tracker step size")

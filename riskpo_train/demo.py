@@ -89,10 +89,16 @@ def _run_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> None:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(o.name for o in failed)}")
 
 
-def main(argv=None) -> int:
+def split_at_dashes(argv) -> tuple[list[str], list[str]]:
+    """(our arguments, the training runs' arguments): those after ``--``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv=None) -> int:
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="python -m riskpo_train.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")

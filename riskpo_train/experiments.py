@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .demo import BUCKET_SEED, DEMO_RL_STEPS, _command, _run_all, demo_options
+from .demo import BUCKET_SEED, DEMO_RL_STEPS, _command, _run_all, demo_options, split_at_dashes
 
 # Fixed sample budget of the bundling experiment: prompts per step x steps.
 PROMPT_BUDGET = 100 * DEMO_RL_STEPS
@@ -173,9 +173,7 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="python -m riskpo_train.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=[*EXPERIMENTS, "signal"], metavar="NAME",

@@ -26,7 +26,8 @@ def test_math_recipe_sets_every_published_value():
     assert (cfg.bundle_size, cfg.alpha, cfg.beta, cfg.w_low, cfg.w_high) == (5, 0.2, 0.9, 1.5, 0.0)
     assert (cfg.quantile_mode, cfg.credit, cfg.normalize_std, cfg.natural_baseline) == \
         ("batch", "std", True, True)
-    assert (cfg.group_size, cfg.prompts_per_step, cfg.minibatches, cfg.ppo_epochs) == (5, 1024, 2, 1)
+    assert (cfg.group_size, cfg.prompts_per_step, cfg.minibatches, cfg.ppo_epochs) == \
+        (5, 1024, 2, 1)
     assert (cfg.lr, cfg.weight_decay, cfg.max_grad_norm) == (1e-6, 0.01, 1.0)
     assert (cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c) == (0.2, 0.2, 3.0)
     assert (cfg.kl_coef, cfg.entropy_coef, cfg.loss_agg, cfg.temperature) == \
@@ -36,7 +37,8 @@ def test_math_recipe_sets_every_published_value():
 
 def test_dapo_recipe_differs_where_the_published_run_did():
     cfg = parse_config(["--recipe", "dapo"])
-    assert (cfg.beta, cfg.group_size, cfg.credit, cfg.natural_baseline) == (0.8, 10, "sum-mean", False)
+    assert (cfg.beta, cfg.group_size, cfg.credit, cfg.natural_baseline) == \
+        (0.8, 10, "sum-mean", False)
     assert (cfg.prompts_per_step, cfg.minibatches) == (512, 4)
 
 
