@@ -11,9 +11,10 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption. out and
 # warmup_cache are places, not settings: a run directory (or the cache) that
 # was moved resumes from its new place. (The warm-up cache is keyed by every
-# setting its weights depend on, and those settings must not change.)
+# setting its weights depend on, and those settings must not change.) recipe
+# is a name: every value it set is compared on its own.
 RESUMABLE_CHANGES = {"resume", "rl_steps", "progress", "save_every", "device", "out",
-                     "warmup_cache"}
+                     "warmup_cache", "recipe"}
 # What a checkpoint holds, with the types each entry must have.
 CHECKPOINT_ENTRIES = {"step": int, "config": dict, "model": dict, "optimizer": dict,
                       "tracker": (dict, type(None)), "rng": dict}

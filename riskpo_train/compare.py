@@ -18,9 +18,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .buckets import pass_at_k_by_bucket
 from .files import read_records
-from .rollout import reported_ks
+from .rollout import pass_at_k, reported_ks
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -189,12 +191,20 @@ def _mean_std(values: Sequence[float | None], n_runs: int) -> str:
 
 
 def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs pooled over seeds, by group (see :class:`Run`), in first-seen order."""
+    """Runs pooled over seeds, by group (see :class:`Run`), in first-seen order;
+    a group whose runs differ in algo is split by algo (never pooled)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         if run.group is not None:
             groups.setdefault(run.group, []).append(run)
-    return groups
+    split: dict[str, list[Run]] = {}
+    for name, members in groups.items():
+        if len({run.algo for run in members}) > 1:
+            for run in members:
+                split.setdefault(f"{name} ({run.algo})", []).append(run)
+        else:
+            split[name] = members
+    return split
 
 
 def _final_counts(run: Run) -> dict | None:
@@ -221,13 +231,17 @@ def bucket_table(runs: Sequence[Run], reference: Run) -> str | None:
     if not ref_records or not finals or not all(firsts) \
             or any(None in records for records in finals.values()):
         return None
-    ref_record, firsts = ref_records[0], [f[0] for f in firsts]
+    ref_record = ref_records[0]
+    # Runs of one seed draw the same step-0 samples from the same model: one draw.
+    draws = {tuple(f[0]["correct"]): f[0] for f in firsts}
+    firsts = list(draws.values())
     samples = {r["k"] for r in firsts} | {r["k"] for rs in finals.values() for r in rs}
     ks = reported_ks(min(samples))
     start_rows = [pass_at_k_by_bucket(ref_record, r, ks) for r in firsts]
     group_rows = {name: [pass_at_k_by_bucket(ref_record, r, ks) for r in records]
                   for name, records in finals.items()}
-    header = ["bucket (reference pass rate)", "questions", "k", "step 0 (all runs)", *finals]
+    header = ["bucket (reference pass rate)", "questions", "k",
+              f"step 0 ({len(firsts)} draw{'s' if len(firsts) > 1 else ''})", *finals]
     rows = []
     for b, first in enumerate(start_rows[0]):
         for k in ks:
@@ -448,6 +462,22 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     return written
 
 
+def _eval_series(run: Run, key: str) -> dict[float, float]:
+    """{step: value} of an eval key; a ``pass@k`` the record lacks (its run drew
+    more samples) comes from its per-question counts."""
+    series = {}
+    for record in run.eval:
+        step, value = _number(record.get("step")), _number(record.get(key))
+        if value is None and key.startswith("pass@") and isinstance(record.get("correct"), list):
+            k, samples = int(key[5:]), record.get("k")
+            if isinstance(samples, int) and 1 <= k <= samples:
+                counts = torch.tensor(record["correct"], dtype=torch.int64)
+                value = pass_at_k(samples, counts, k).mean().item()
+        if step is not None and value is not None:
+            series[step] = value
+    return series
+
+
 def plot_mean_std(runs: Sequence[Run], out_dir: str | Path) -> Path | None:
     """seeds.png: test Pass@1, Pass@k (the largest k every run reports) and
     entropy against the step, per run group: the mean over seeds, and a band of
@@ -471,7 +501,7 @@ def plot_mean_std(runs: Sequence[Run], out_dir: str | Path) -> Path | None:
     try:
         for ax, (key, title) in zip(axes, panels):
             for name, group in groups.items():
-                series = [dict(zip(*_points(run.eval, key))) for run in group]
+                series = [_eval_series(run, key) for run in group]
                 steps = sorted(set.intersection(*(set(s) for s in series)))
                 if not steps:
                     continue

@@ -190,7 +190,11 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> TrainConfig:
-        """The recipe's values over the defaults, ``overrides`` over both; validated."""
+        """The recipe's values over the defaults, ``overrides`` over both; validated.
+        (Only this and :func:`parse_config` apply a recipe: ``TrainConfig(recipe=...)``
+        records the name and keeps the values it is given.)"""
+        if "recipe" in overrides:
+            raise ValueError("from_recipe: the recipe is its first argument, not an override")
         return cls(**{**recipe_options(name), **overrides, "recipe": name}).validate()
 
     def to_json(self) -> str:
@@ -360,8 +364,9 @@ def parse_config(argv=None) -> TrainConfig:
     values.update(args)
     if values.get("recipe") is not None:  # the recipe fills what neither file nor flag set
         if values["recipe"] not in RECIPES:
+            where = f" (set by recipe in config file {str(path)!r})" if "recipe" in from_file else ""
             raise OptionError("recipe", f"--recipe must be one of {', '.join(RECIPE_NAMES)}, "
-                                        f"got {values['recipe']!r}")
+                                        f"got {values['recipe']!r}{where}")
         values = {**recipe_options(values["recipe"]), **values}
     try:
         return TrainConfig(**values).validate()

@@ -125,6 +125,23 @@ def advantage_signal(pass_rates, prompts: int = 100, samples: int = 5, repeats: 
             + "\n".join(rows) + "\n")
 
 
+def _done_with(path: Path, command: list[str]) -> bool:
+    """Whether ``path`` holds a finished run of exactly the settings ``command``
+    would train with (places and the progress bar aside)."""
+    import json
+    from dataclasses import asdict
+
+    from .checkpoint import RESUMABLE_CHANGES
+    from .config import parse_config
+
+    if not (path / "summary.json").is_file() or not (path / "config.json").is_file():
+        return False
+    saved = json.loads((path / "config.json").read_text())
+    wanted = asdict(parse_config(command[3:]))  # command: python -m riskpo_train FLAGS
+    return all(saved.get(key) == value for key, value in wanted.items()
+               if key not in RESUMABLE_CHANGES)
+
+
 def _run_dir(out: Path, experiment: str, name: str, seed: int) -> Path:
     """Where a run lives: the demo's settings (BASE) in out/base, shared by
     every experiment that has them; the rest in out/EXPERIMENT."""
@@ -157,11 +174,10 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
             for run_name, options in experiment.runs.items():
                 path = _run_dir(out, name, run_name, seed)
                 dirs.append(path)
-                if (path / "summary.json").is_file():  # done before (base runs, reruns)
-                    continue
                 settings = demo_options(**{"rl_steps": DEMO_RL_STEPS, **options})
-                pending.append((path, _command(path, extra, seed=seed, warmup_cache=warmup_cache,
-                                               **settings)))
+                command = _command(path, extra, seed=seed, warmup_cache=warmup_cache, **settings)
+                if not _done_with(path, command):  # else done before: base runs, reruns
+                    pending.append((path, command))
         print(f"[{name}] {len(dirs)} runs, {len(pending)} to train", flush=True)
         _run_all(pending, jobs)
         target = docs / name

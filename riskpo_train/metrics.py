@@ -50,7 +50,9 @@ class MetricsWriter:
 def summarise(metrics_path: Path, cfg: TrainConfig, wall_s: float) -> dict:
     records = read_records(metrics_path)
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    # The per-question counts stay in metrics.jsonl: a summary is for reading.
+    evals = [{k: v for k, v in r.items() if k != "correct"}
+             for r in records if r.get("kind") == "eval"]
     return {
         "algo": cfg.algo, "seed": cfg.seed, "steps": train[-1]["step"] if train else 0,
         "final_eval": evals[-1] if evals else None, "first_eval": evals[0] if evals else None,

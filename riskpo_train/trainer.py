@@ -73,6 +73,11 @@ class Trainer:
         self.cfg = cfg.validate()
         self.ctx = ctx or init_distributed(cfg.device)
         self.out = Path(cfg.out)
+        if cfg.algo == "riskpo" and cfg.prompts_per_step % cfg.bundle_size and \
+                (cfg.quantile_mode != "batch" or cfg.mean_baseline):
+            log(self.ctx, f"note: {cfg.prompts_per_step} prompts make a last bundle of "
+                          f"{cfg.prompts_per_step % cfg.bundle_size} (of {cfg.bundle_size}); its "
+                          "smaller scores enter the quantile tracker with the others")
         if cfg.prompts_per_step % self.ctx.world:
             raise ValueError(f"--prompts-per-step ({cfg.prompts_per_step}) must be a multiple of "
                              f"the number of processes ({self.ctx.world})")
@@ -389,8 +394,11 @@ class Trainer:
         if changed:
             details = ", ".join(f"{k}: {state['config'][k]!r} -> {getattr(self.cfg, k, None)!r}"
                                 for k in changed)
+            saved_recipe = state["config"].get("recipe")
+            hint = (f" (the run was started with --recipe {saved_recipe}: pass it again)"
+                    if saved_recipe is not None and saved_recipe != self.cfg.recipe else "")
             raise ValueError(f"--resume: the options differ from the checkpoint's ({details}); "
-                             "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + " may change")
+                             "only " + ", ".join(sorted(RESUMABLE_CHANGES)) + f" may change{hint}")
         if (self.tracker is None) != (state["tracker"] is None):
             raise ValueError(f"--resume: {path}: "
                              + ("no quantile tracker state for --algo riskpo" if state["tracker"]

@@ -59,6 +59,10 @@ def test_unknown_recipe_is_refused_by_name(tmp_path):
         parse_config(["--config", str(path)])
     with pytest.raises(ValueError, match="recipe must be one of"):
         TrainConfig.from_recipe("gsm8k")
+    with pytest.raises(OptionError, match=r"gsm8k'.*set by recipe in config file"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="the recipe is its first argument"):
+        TrainConfig.from_recipe("math", recipe="dapo")
     with pytest.raises(ValueError, match=r"unknown RiskPO advantage option\(s\) \['gamma'\]"):
         advantage_options("math", gamma=1)
 
@@ -111,6 +115,24 @@ def test_eval_records_hold_every_k_and_per_question_counts(tmp_path):
             assert record[f"pass@{k}"] == pytest.approx(pass_at_k(5, counts, k).mean().item())
         assert record["pass@k"] == record["pass@5"]
         assert record["pass@1"] == pytest.approx(sum(record["correct"]) / 35)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "correct" not in summary["final_eval"] and summary["final_eval"]["pass@5"] >= 0
+
+
+def test_resuming_a_recipe_run_without_the_recipe_says_to_pass_it(tmp_path):
+    from riskpo_train.distributed import DistContext
+    from riskpo_train.trainer import Trainer
+
+    tiny = dict(out=str(tmp_path / "run"), warmup_steps=0, tiny_hidden_size=32,
+                task_test_size=20, rl_steps=1, prompts_per_step=10, max_new_tokens=4,
+                eval_every=0, eval_questions=4, eval_samples=2, progress=False, device="cpu")
+    Trainer(TrainConfig.from_recipe("dapo", **tiny), DistContext()).run()
+    with pytest.raises(ValueError, match=r"credit: 'sum-mean' -> 'std'.*"
+                                         r"started with --recipe dapo: pass it again"):
+        Trainer(TrainConfig(**{**tiny, "rl_steps": 2, "resume": True}), DistContext()).run()
+    # The same values under the recipe's name resume.
+    Trainer(TrainConfig.from_recipe("dapo", **{**tiny, "rl_steps": 2, "resume": True}),
+            DistContext()).run()
 
 
 # --- buckets --------------------------------------------------------------------------
@@ -178,8 +200,15 @@ def test_compare_groups_by_directory_and_tables_the_buckets(tmp_path):
                 if row.startswith("| unsolved") and "|   1 |" in row)
     cells = [c.strip() for c in line.strip("|").split("|")]
     # step 0 (every run: 0 of 4) Pass@1 0; riskseeking seeds 1/4 and 3/4: 0.500 ± 0.354; riskpo 0.
-    assert cells[1:] == ["1", "1", "0.000 ± 0.000", "0.500 ± 0.354", "0.000"]
+    # Every run drew the same step-0 samples: one draw, not three.
+    assert "step 0 (1 draw)" in table
+    assert cells[1:] == ["1", "1", "0.000", "0.500 ± 0.354", "0.000"]
     assert (tmp_path / "out" / "seeds.png").stat().st_size > 0
+    # A group whose runs differ in algo is split, never pooled.
+    mixed = [_write_run(tmp_path / "m", "x-seed0", "riskpo", 0, [1, 2, 4, 2]),
+             _write_run(tmp_path / "m", "x-seed1", "grpo", 1, [1, 2, 4, 2])]
+    groups = cmp._groups([cmp.load_run(p) for p in mixed])
+    assert list(groups) == ["x (riskpo)", "x (grpo)"]
     with pytest.raises(ValueError, match="no per-question counts"):
         legacy = tmp_path / "legacy-seed0"
         legacy.mkdir()
