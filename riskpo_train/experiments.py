@@ -183,7 +183,7 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
         target = docs / name
         target.mkdir(parents=True, exist_ok=True)
         table = compare(dirs, out_dir=out / name, reference=warmup)
-        for file in ("comparison.md", "seeds.png", "overview.png"):
+        for file in ("comparison.md", "seeds.png"):  # overview.png stays in OUT: many runs
             shutil.copy(out / name / file, target / file)
         print(f"[{name}] {time.perf_counter() - began:.0f} s\n{table}", flush=True)
 
