@@ -16,26 +16,23 @@ from types import MappingProxyType
 _MATH_ADVANTAGE = dict(bundle_size=5, alpha=0.2, beta=0.9, w_low=1.5, w_high=0.0,
                        quantile_mode="batch", credit="std", normalize_std=True,
                        natural_baseline=True)
+_MATH_TRAINING = dict(samples_per_prompt=5, prompts_per_step=1024, minibatches=2, epochs=1,
+                      lr=1e-6, weight_decay=0.01, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0,
+                      grad_clip=1.0, kl_coef=0.0, entropy_coef=0.0, agg="token-mean",
+                      temperature=1.0, tracker_lr=0.1)
 
 RECIPES = MappingProxyType({
     # Qwen2.5-1.5B-Instruct on GSM8K + MATH.
     "math": MappingProxyType({
         "advantage": MappingProxyType(_MATH_ADVANTAGE),
-        "training": MappingProxyType(dict(
-            samples_per_prompt=5, prompts_per_step=1024, minibatches=2, epochs=1, lr=1e-6,
-            weight_decay=0.01, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, grad_clip=1.0,
-            kl_coef=0.0, entropy_coef=0.0, agg="token-mean", temperature=1.0,
-            tracker_lr=0.1)),
+        "training": MappingProxyType(_MATH_TRAINING),
     }),
     # DeepSeek-R1-Distill-Qwen-1.5B on DAPO-Math-17K.
     "dapo": MappingProxyType({
         "advantage": MappingProxyType(dict(_MATH_ADVANTAGE, beta=0.8, credit="sum-mean",
                                            natural_baseline=False)),
-        "training": MappingProxyType(dict(
-            samples_per_prompt=10, prompts_per_step=512, minibatches=4, epochs=1, lr=1e-6,
-            weight_decay=0.01, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, grad_clip=1.0,
-            kl_coef=0.0, entropy_coef=0.0, agg="token-mean", temperature=1.0,
-            tracker_lr=0.1)),
+        "training": MappingProxyType(dict(_MATH_TRAINING, samples_per_prompt=10,
+                                          prompts_per_step=512, minibatches=4)),
     }),
 })
 

@@ -15,17 +15,19 @@ whole set takes about an hour on the 2-core machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .demo import BUCKET_SEED, DEMO_RL_STEPS, _command, _run_all, demo_options, split_at_dashes
+from .demo import (BUCKET_SEED, DEMO_OPTIONS, DEMO_RL_STEPS, _command, _run_all, demo_options,
+                   split_at_dashes)
 
 # Fixed sample budget of the bundling experiment: prompts per step x steps.
-PROMPT_BUDGET = 100 * DEMO_RL_STEPS
+PROMPT_BUDGET = DEMO_OPTIONS["prompts_per_step"] * DEMO_RL_STEPS
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,6 @@ def advantage_signal(pass_rates, prompts: int = 100, samples: int = 5, repeats: 
 def _done_with(path: Path, command: list[str]) -> bool:
     """Whether ``path`` holds a finished run of exactly the settings ``command``
     would train with (places and the progress bar aside)."""
-    import json
-    from dataclasses import asdict
-
     from .checkpoint import RESUMABLE_CHANGES
     from .config import parse_config
 
@@ -164,8 +163,6 @@ def run_experiments(names, out: Path, docs: Path, seeds, jobs: int, warmup_cache
                                     warmup_cache=warmup_cache, **demo_options()))], 1)
     for name in names:
         if name == "signal":
-            import json
-
             first = json.loads((warmup / "metrics.jsonl").read_text().splitlines()[0])
             table = advantage_signal([c / first["k"] for c in first["correct"]])
             (docs / "signal.md").parent.mkdir(parents=True, exist_ok=True)
