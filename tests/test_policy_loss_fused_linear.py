@@ -240,3 +240,17 @@ def test_unit_backward_hands_over_its_buffers_and_stays_right_when_repeated(cpp_
     (3 * loss_of("cpp")).backward()  # ... does not leak into the next call
     torch.testing.assert_close(weight.grad, 3 * expected[1], rtol=1e-5, atol=1e-6)
     assert first is not weight.grad
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 256), (300, 256), (1000, 256), (1025, 512), (7, 3)])
+def test_chunks_are_balanced_and_cover_all_rows(n, chunk):
+    from riskpo_kernels.policy.fused_linear import _Chunks
+    c = _Chunks.__new__(_Chunks)
+    c.hidden, c.chunk_size = torch.empty(n, 4), chunk
+    spans = list(c.ranges())
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    sizes = [e - s for s, e in spans]
+    assert max(sizes) <= max(chunk, 1) and len(spans) <= -(-n // chunk)
+    if len(sizes) > 1:
+        assert sizes[-1] >= min(128, sizes[0]) or sizes[-1] * 2 >= sizes[0]

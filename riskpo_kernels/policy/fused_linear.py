@@ -127,13 +127,24 @@ class _Chunks:
         if with_grads:
             self.grad_hidden = torch.empty_like(hidden)
             # Accumulated over chunks in float32 at least: bf16 partial sums would drift.
-            self.grad_weight = torch.zeros(weight.shape, dtype=self.acc, device=weight.device)
+            # Empty, not zeros: the first chunk writes it (beta 0), later ones add.
+            self.grad_weight = torch.empty(weight.shape, dtype=self.acc, device=weight.device)
+            self._first = True
             self.grad_bias = torch.zeros(weight.shape[0] if bias is not None else 0,
                                          dtype=self.acc, device=weight.device)
 
     def ranges(self):
+        """ceil(N / chunk_size) chunks of near-equal size (rounded up to a
+        multiple of 128 rows where N allows), so no thin tail chunk runs a
+        slow skinny matmul."""
         N = self.hidden.shape[0]
-        return ((start, min(start + self.chunk_size, N)) for start in range(0, N, self.chunk_size))
+        count = max(1, -(-N // max(self.chunk_size, 1)))
+        size = -(-N // count)
+        rounded = min(-(-size // 128) * 128, max(self.chunk_size, 1))
+        # Keep the multiple of 128 only if the tail stays at least half a chunk.
+        if size > 128 and rounded >= size and 2 * (N - (-(-N // rounded) - 1) * rounded) >= rounded:
+            return ((start, min(start + rounded, N)) for start in range(0, N, rounded))
+        return ((i * N // count, (i + 1) * N // count) for i in range(count) if N)
 
     def logits(self, start, end):
         h = self.hidden[start:end]
@@ -149,19 +160,25 @@ class _Chunks:
         # Not mm(out=grad_hidden[start:end]): for bf16 on CPU that left the view
         # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.
         self.grad_hidden[start:end] = grad_logits @ self.weight
-        if grad_logits.dtype == self.acc:
-            self.grad_weight.addmm_(grad_logits.t(), h)
+        first, self._first = self._first, False
+        if first and grad_logits.dtype != self.acc and not _float32_output_gemm(grad_logits.device):
+            # The empty accumulator is written, not added to (no zero fill).
+            self.grad_weight.copy_(grad_logits.t() @ h)
+        elif grad_logits.dtype == self.acc:
+            self.grad_weight.addmm_(grad_logits.t(), h, beta=0 if first else 1)
         elif _float32_output_gemm(grad_logits.device):
             # bf16/fp16 operands accumulated straight into the float32 buffer:
             # no (V, H) product in the low precision and no float32 copy of it.
             torch.addmm(self.grad_weight, grad_logits.t(), h, out_dtype=self.acc,
-                        out=self.grad_weight)
+                        beta=0 if first else 1, out=self.grad_weight)
         else:
             self.grad_weight += (grad_logits.t() @ h).to(self.acc)
         if self.bias is not None:
             self.grad_bias += grad_logits.sum(0, dtype=self.acc)
 
     def grads(self):
+        if self._first:  # no rows, so no chunk wrote the accumulator
+            self.grad_weight.zero_()
         return (self.grad_hidden, self.grad_weight.to(self.weight.dtype),
                 self.grad_bias.to(self.weight.dtype))
 
