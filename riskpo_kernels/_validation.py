@@ -156,11 +156,31 @@ def check_token_range(tokens: torch.Tensor, vocab: int, op: str | None = None) -
         _fail(op, f"tokens must lie in [0, {vocab}), got values in [{low}, {high}]")
 
 
+def check_mask_values(mask: torch.Tensor, op: str | None = None) -> None:
+    """A floating mask must be finite and >= 0 where checking costs no device
+    sync (CPU, eager): a negative weight turns the entropy's mean to -inf and
+    the loss to nonsense, and NaN would reach every gradient. One aminmax."""
+    if (mask.dtype == torch.bool or mask.device.type != "cpu" or not mask.numel()
+            or torch.compiler.is_compiling()):
+        return
+    low, high = (float(x) for x in torch.aminmax(mask))
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+        _fail(op, f"mask must hold finite values >= 0, got values in [{low}, {high}]")
+
+
+# 1/T is taken in float32 by the kernels: a T whose reciprocal overflows there
+# (subnormal T) would turn every logit into inf and the answer into NaN.
+_MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 def check_temperature(temperature, op: str | None = None) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         _fail(op, f"temperature must be a real number, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         _fail(op, f"temperature must be finite and > 0, got {temperature}")
+    if temperature < _MIN_TEMPERATURE:
+        _fail(op, f"temperature must be >= {_MIN_TEMPERATURE:.3g} (its reciprocal must fit "
+                  f"in float32), got {temperature}")
     return float(temperature)
 
 

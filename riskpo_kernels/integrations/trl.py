@@ -191,6 +191,12 @@ class RiskPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        # A NaN weight would make every summed reward NaN and the loss silently 0.
+        weights = getattr(self, "reward_weights", None)
+        if weights is not None:
+            for w in weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                    _fail("reward_weights", f"must be finite real numbers, got {list(weights)!r}")
         check_riskpo_options(self)
 
 

@@ -80,6 +80,7 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
     _check_token_tensor("mask", mask, (B, T), device)
     if not (mask.dtype == torch.bool or mask.is_floating_point()):
         raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
+    v.check_mask_values(mask)
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
         raise ValueError(f"advantages must be (B,) = ({B},) or (B, T) = ({B}, {T}), got {shape}")
