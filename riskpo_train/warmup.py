@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,9 +37,21 @@ def _batch(tokenizer, examples: list[Example], device):
     return ids.to(device), mask.to(device), target.to(device)
 
 
+# Without a progress bar a warm-up still says how far it is, this often: under
+# a loaded CPU it takes many times its quiet 2 minutes, and a log that shows
+# nothing for half an hour cannot be told from a hung one.
+REPORT_EVERY_S = 30.0
+
+
 def supervised_warmup(model, tokenizer, examples: list[Example], *, steps: int, lr: float,
-                      batch_size: int, seed: int, progress: bool = False) -> list[float]:
-    """``steps`` AdamW steps of cross-entropy on the answers; returns the losses."""
+                      batch_size: int, seed: int, progress: bool = False,
+                      report_every_s: float | None = REPORT_EVERY_S, report=None) -> list[float]:
+    """``steps`` AdamW steps of cross-entropy on the answers; returns the losses.
+
+    Without ``progress`` (the tqdm bar), a line ``warm-up step s/steps loss L
+    elapsed E s ETA R s`` goes to ``report`` (default: stderr) at the first
+    step, every ``report_every_s`` seconds and at the last step (None: never).
+    The lines read the clock only: the weights do not depend on them."""
     if not examples:
         raise ValueError("supervised warm-up needs at least one training example")
     rng = random.Random(f"warmup-{seed}")
@@ -50,7 +65,11 @@ def supervised_warmup(model, tokenizer, examples: list[Example], *, steps: int, 
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="warm-up", dynamic_ncols=True)
-    for _ in iterator:
+    if report is None:
+        def report(line):
+            print(line, file=sys.stderr, flush=True)
+    began = last_report = time.perf_counter()
+    for step in iterator:
         ids, mask, target = _batch(tokenizer, rng.sample(examples, min(batch_size, len(examples))),
                                    device)
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
@@ -62,6 +81,13 @@ def supervised_warmup(model, tokenizer, examples: list[Example], *, steps: int, 
         losses.append(loss.item())
         if progress:
             iterator.set_postfix(loss=f"{losses[-1]:.3f}")
+        elif report_every_s is not None:
+            now = time.perf_counter()
+            if step == 0 or step == steps - 1 or now - last_report >= report_every_s:
+                last_report, elapsed = now, now - began
+                eta = elapsed / (step + 1) * (steps - step - 1)
+                report(f"warm-up step {step + 1}/{steps} loss {losses[-1]:.4f} "
+                       f"elapsed {elapsed:.0f} s ETA {eta:.0f} s")
     model.eval()
     return losses
 
@@ -72,5 +98,18 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def arithmetic_fingerprint() -> dict:
+    """What the warmed-up weights depend on besides the settings: torch's
+    version, the CPU kernels ATen dispatches to (AVX-512 and AVX2 ones round
+    differently) and MKL's pinned branch. (Not the thread count: it changed
+    no bit, docs/demo/determinism.md.) A cache built with other kernels is
+    another cache, not a hit that would give another table."""
+    return {"torch": torch.__version__, "aten_cpu": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
+
+
 def cached_model_dir(cache_root, settings: dict) -> Path:
-    return Path(cache_root) / f"warmup-{cache_key(settings)}"
+    """The cache directory of the warm-up with ``settings`` under this
+    process's :func:`arithmetic_fingerprint`."""
+    key = cache_key({**settings, "arithmetic": arithmetic_fingerprint()})
+    return Path(cache_root) / f"warmup-{key}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+
+from riskpo_train import demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +33,17 @@ def test_the_demo_runs_both_algorithms_and_compares_them(tmp_path):
     table = (out / "comparison.md").read_text()
     assert "riskpo seed 0" in table and "grpo seed 0" in table
     assert "riskpo seed 0" in run.stdout  # the table is printed
+    # The warm-up's progress reaches the console, not only its train.log.
+    assert "  warmup: warm-up step 20/20 loss " in run.stdout
+    # Every run's threads and CPU kernels are set by the demo and recorded.
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["isa"] == demo.default_isa()
+    assert environment["rl"]["env"]["OMP_NUM_THREADS"] == str(environment["rl"]["intra_op_threads"])
+    assert environment["warmup"]["env"]["OMP_NUM_THREADS"] == str(
+        int(environment["rl"]["env"]["OMP_NUM_THREADS"]) * min(2, os.cpu_count() or 1))
+    if environment["isa"] == "avx2":
+        assert environment["rl"]["aten_cpu_capability"] == "AVX2"
+    assert environment["rl"]["torch"] and environment["rl"]["transformers"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "overview.png").stat().st_size > 0
 
