@@ -14,9 +14,15 @@ def main(argv=None) -> int:
         return compare_main(argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
+    from .config import OptionError
     from .trainer import main as train_main
 
-    return train_main(argv)
+    try:
+        return train_main(argv)
+    except OptionError as exc:
+        # One line naming the flag, argparse's parser.error style, not a traceback.
+        print(f"riskpo-train: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -111,7 +111,19 @@ def load_run(path: str | Path) -> Run:
     algo = summary.get("algo", config.get("algo"))
     seed = summary.get("seed", config.get("seed"))
     algo = str(algo) if algo is not None else None
+    if isinstance(seed, float) and not math.isfinite(seed):
+        where = path / (SUMMARY_FILE if "seed" in summary else CONFIG_FILE)
+        raise ValueError(f"{where}: seed must be a finite number, got {seed}")
     seed = int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
+    for record in evals:
+        counts, samples = record.get("correct"), record.get("k")
+        if not isinstance(counts, list):
+            continue
+        bad = next((c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c < 0
+                    or (isinstance(samples, int) and c > samples)), None)
+        if bad is not None or (counts and not isinstance(samples, int)):
+            raise ValueError(f"{metrics}: eval at step {record.get('step')}: 'correct' must hold "
+                             f"integer counts in [0, k={samples}], got {bad!r}")
     name = f"{algo} seed {seed}" if algo is not None and seed is not None else path.name
     return Run(path=path, name=name, algo=algo, seed=seed, train=train, eval=evals,
                summary=summary, group=_group_of(path, algo))

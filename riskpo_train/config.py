@@ -34,6 +34,10 @@ REWARD_NAMES = ("auto", "exact", "math")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 
 
+MIN_TEMPERATURE = 1e-4
+MAX_NEW_TOKENS = 4096
+
+
 def _opt(default, help, choices=None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
 
@@ -148,6 +152,15 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise OptionError(name, f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        # Sampling divides logits by the temperature: below MIN_TEMPERATURE the
+        # quotient overflows and torch.multinomial fails with its own message.
+        if not math.isfinite(self.temperature) or self.temperature < MIN_TEMPERATURE:
+            raise OptionError("temperature", f"--temperature must be a finite float >= "
+                                             f"{MIN_TEMPERATURE}, got {self.temperature}")
+        # An explicit cap: the KV cache and logits buffers grow with it (1e6 asks for ~1 TB).
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise OptionError("max_new_tokens", f"--max-new-tokens must be <= {MAX_NEW_TOKENS}, "
+                                                f"got {self.max_new_tokens}")
         non_negative = ("rl_steps", "warmup_steps", "micro_batch_size", "chunk_size", "save_every",
                         "eval_every", "eval_questions", "kl_coef", "entropy_coef", "weight_decay",
                         "max_grad_norm", "w_low", "w_high", "lr", "clip_low", "clip_high")

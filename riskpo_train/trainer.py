@@ -17,6 +17,8 @@ One step, as ``rl_step`` runs it:
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -389,6 +391,20 @@ class Trainer:
 
         path = self.out / CHECKPOINT
         state = read_checkpoint(path)
+        # A saved config that lost a key would otherwise pass the comparison below.
+        lost = sorted(f.name for f in dataclasses.fields(self.cfg)
+                      if f.name not in state["config"] and f.name not in RESUMABLE_CHANGES)
+        if lost:
+            raise ValueError(f"--resume: {path}: the saved config lacks {', '.join(lost)}")
+        # set_state_dict may accept a partial state dict; every weight must be there.
+        expected = set(self.policy.state_dict())
+        missing = sorted(expected - set(state["model"]))
+        unexpected = sorted(set(state["model"]) - expected)
+        if missing or unexpected:
+            raise ValueError(f"--resume: {path}: the model state "
+                             + ("is empty" if not state["model"] else
+                                f"lacks {', '.join(missing[:5]) or 'nothing'} and has unexpected "
+                                f"{', '.join(unexpected[:5]) or 'nothing'}"))
         changed = sorted(k for k, v in state["config"].items()
                          if k not in RESUMABLE_CHANGES and getattr(self.cfg, k, None) != v)
         if changed:

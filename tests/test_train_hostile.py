@@ -252,6 +252,10 @@ def test_read_checkpoint_accepts_what_a_run_saves(one_step_run):
     ("model of another shape", "its model or optimizer state does not fit this run's model"),
     ("no tracker", "no quantile tracker state for --algo riskpo"),
     ("tracker garbage", "malformed tracker or random-generator state"),
+    ("model empty", "the model state is empty"),
+    ("weight deleted", "the model state lacks "),
+    ("weight added", "the model state lacks nothing and has unexpected extra.weight"),
+    ("config lost a key", "the saved config lacks lr"),
 ])
 def test_resume_from_a_damaged_checkpoint_names_the_file(one_step_run, tmp_path, damage,
                                                          message):
@@ -283,6 +287,14 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(one_step_run, tmp_path,
             state["tracker"] = None
         elif damage == "tracker garbage":
             state["tracker"] = {"lr": 0.1}
+        elif damage == "model empty":
+            state["model"] = {}
+        elif damage == "weight deleted":
+            del state["model"][next(iter(state["model"]))]
+        elif damage == "weight added":
+            state["model"]["extra.weight"] = torch.zeros(2)
+        elif damage == "config lost a key":
+            del state["config"]["lr"]
         torch.save(state, path)
     with pytest.raises(ValueError, match=f"^--resume: {path}:? " + message):
         run(tiny_config(out, rl_steps=2, resume=True))
@@ -360,3 +372,44 @@ def test_an_over_long_test_prompt_is_refused_before_training(tmp_path, tiny_mode
         Trainer(tiny_config(tmp_path / "run", model=str(tiny_model_dir), data=str(data)),
                 DistContext())
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "1e-40"), ("--temperature", "nan"),
+                                         ("--temperature", "inf"),
+                                         ("--max-new-tokens", "1000000")])
+def test_cli_refuses_unusable_sampling_options_in_one_line(flag, value, capsys):
+    from riskpo_train.__main__ import main
+
+    assert main([flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["negative count", "count above k", "fractional count",
+                                    "nan seed", "inf seed"])
+def test_compare_refuses_impossible_counts_and_seeds_naming_the_file(one_step_run, tmp_path,
+                                                                     damage):
+    from riskpo_train.compare import load_run
+
+    out = _copy(one_step_run, tmp_path / "run")
+    metrics = out / "metrics.jsonl"
+    if damage.endswith("seed"):
+        target = out / "summary.json"
+        summary = json.loads(target.read_text())
+        summary["seed"] = float("nan") if damage == "nan seed" else float("inf")
+        target.write_text(json.dumps(summary))
+    else:
+        target = metrics
+        lines = metrics.read_text().splitlines()
+        for i, line in enumerate(lines):
+            record = json.loads(line)
+            if isinstance(record.get("correct"), list) and record["correct"]:
+                record["correct"][0] = {"negative count": -1, "count above k":
+                                        record["k"] + 1, "fractional count": 0.5}[damage]
+                lines[i] = json.dumps(record)
+                break
+        else:
+            pytest.fail("the run saved no per-question counts")
+        metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"^{target}"):
+        load_run(out)
