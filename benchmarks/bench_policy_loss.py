@@ -19,7 +19,23 @@ Methods (each ends with gradients w.r.t. hidden and the lm_head weight):
                        and the PPO loss on top, when installed, CUDA only; no
                        entropy (the other methods' entropy coefficient is 0 too)
   three matmuls        hidden @ W.T, dlogits @ W, dlogits.T @ hidden: the floor
-                       of any implementation that computes the logits
+                       of any implementation that computes the logits of every row
+  three matmuls (valid rows)  the same on the unmasked rows only
+
+Batches (--batch): B = tokens / 512 sequences of T = 512 positions.
+  dense      every position valid; old log-probs = logp + N(0, 0.02^2), so no
+             token clips: every row does all the work (the worst case for us).
+  realistic  response lengths L_b = round(T u_b), u_b the B evenly spaced
+             quantiles of U(0.2, 1.0) in random order, padding after them (40%
+             of the positions, as when responses are padded to the longest); old log-probs logp + N(0, 0.02^2) except for about 5% of
+             the valid tokens (each with probability 0.05), whose old log-prob is
+             logp - 0.5 sign(A_b): their ratio is clipped on the side where the
+             clipped branch wins, so their gradient is exactly 0.
+Each batch reports two denominators: the three matmuls on the dense shape
+(vs_matmuls) and on the valid rows only (vs_matmuls_valid).
+
+--loaded times every method a second time while another process spins on one
+core (benchmarks/loaded.py); the CSV's `load` column says which.
 
 Time: methods alternate inside each round; median and best over the rounds.
 Peak extra memory of one call after a warm-up call: on CPU in a fresh subprocess
@@ -33,6 +49,7 @@ matmuls, and appends rows (device, versions, commit, time) to a CSV.
     python benchmarks/bench_policy_loss.py                      # CPU sizes
     python benchmarks/bench_policy_loss.py --device cuda        # GPU sizes, bf16
     python benchmarks/bench_policy_loss.py --sizes 2048x256x32768 --rounds 8
+    python benchmarks/bench_policy_loss.py --batch both --loaded
 """
 
 from __future__ import annotations
@@ -56,7 +73,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import riskpo_kernels as rk  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from loaded import busy_core  # noqa: E402
+from provenance import append_csv_rows, git_commit  # noqa: E402
 from riskpo_kernels.policy import policy_loss_reference  # noqa: E402
 
 CPU_SIZES = [(2048, 256, 32768), (1024, 256, 32000), (4096, 256, 32000), (1024, 256, 151936),
@@ -64,27 +82,47 @@ CPU_SIZES = [(2048, 256, 32768), (1024, 256, 32000), (4096, 256, 32000), (1024, 
 CUDA_SIZES = [(t, h, 151936) for t in (4096, 16384) for h in (1536, 4096)]
 CSV_DEFAULT = REPO / "benchmarks" / "results" / "policy_loss.csv"
 CSV_COLUMNS = ["timestamp", "commit", "device", "torch", "python", "method", "tokens", "H", "V",
-               "dtype", "median_ms", "best_ms", "peak_extra_mib", "vs_plain", "vs_matmuls"]
+               "dtype", "median_ms", "best_ms", "peak_extra_mib", "vs_plain", "vs_matmuls",
+               "batch", "valid_fraction", "zero_grad_fraction", "vs_matmuls_valid", "load"]
 PLAIN, LOGITS, LOGITS_INPLACE, FUSED, LIGER, LIGER_EAGER, LIGER_TRITON, CCE, MATMULS = (
     "plain GRPO loss", "riskpo logits", "riskpo logits in-place", "riskpo fused-linear",
     "liger fused-linear", "liger fused-linear eager", "liger triton grpo", "cce + riskpo ppo",
     "three matmuls")
+MATMULS_VALID = "three matmuls (valid rows)"
+BATCHES = ("dense", "realistic")
+PADDING_MIN_LENGTH = 0.2   # L_b / T ~ U(0.2, 1.0): 40% padding on average
+CLIP_PROBABILITY = 0.05
 PEERS = (LIGER, LIGER_EAGER, LIGER_TRITON, CCE)
 
 
-def make_inputs(tokens, H, V, dtype, device, seed=0):
+def make_inputs(tokens, H, V, dtype, device, seed=0, batch="dense"):
+    """The batch described in the module docstring; also returns its valid and
+    zero-gradient fractions."""
     g = torch.Generator().manual_seed(seed)
     B = max(1, tokens // 512)
     T = tokens // B
     hidden = (torch.randn(B, T, H, generator=g) * 0.5).to(dtype).to(device)
     weight = (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(device)
     labels = torch.randint(0, V, (B, T), generator=g).to(device)
-    mask = (torch.rand(B, T, generator=g) > 0.1).to(device)
     advantages = torch.randn(B, generator=g).to(device)
+    if batch == "dense":
+        mask = torch.ones(B, T, dtype=torch.bool)
+        clip = torch.zeros(B, T, dtype=torch.bool)
+    else:
+        # Evenly spaced quantiles of U(0.2, 1.0), shuffled: 40% padding even for few sequences.
+        u = PADDING_MIN_LENGTH + (1 - PADDING_MIN_LENGTH) * (torch.arange(B) + 0.5) / B
+        lengths = (u[torch.randperm(B, generator=g)] * T).round().clamp(min=1)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        clip = (torch.rand(B, T, generator=g) < CLIP_PROBABILITY) & mask
+    mask = mask.to(device)
     with torch.no_grad():
-        old = -torch.rand(B, T, generator=g).to(device) * 5 - 8  # plausible log-probs
+        logp, _ = rk.fused_linear_logprobs(hidden, weight, labels)
+        noise = 0.02 * torch.randn(B, T, generator=g).to(device)
+        push = 0.5 * torch.sign(advantages)[:, None].expand(B, T)
+        old = torch.where(clip.to(device), logp - push, logp + noise)
     return dict(hidden=hidden, weight=weight, tokens=labels, mask=mask, advantages=advantages,
-                old_logprobs=old)
+                old_logprobs=old, valid_fraction=mask.float().mean().item(),
+                zero_grad_fraction=clip.float().sum().item() / max(1, int(mask.sum())))
 
 
 def method_fn(name, x):
@@ -148,8 +186,10 @@ def method_fn(name, x):
             loss, _ = token_policy_loss(logprobs.float(), torch.zeros_like(logprobs, dtype=torch.float32),
                                         x["mask"], x["advantages"], x["old_logprobs"])
             loss.backward()
-    elif name == MATMULS:
+    elif name in (MATMULS, MATMULS_VALID):
         h2 = x["hidden"].reshape(-1, x["hidden"].shape[-1])
+        if name == MATMULS_VALID:
+            h2 = h2[x["mask"].reshape(-1)]
         dlogits = torch.randn(h2.shape[0], x["weight"].shape[0], dtype=h2.dtype, device=h2.device)
 
         def run():
@@ -177,7 +217,7 @@ def available_methods(device="cpu"):
             methods.append(CCE)
         except Exception:
             pass
-    return methods + [MATMULS]
+    return methods + [MATMULS, MATMULS_VALID]
 
 
 def sync(device):
@@ -237,11 +277,11 @@ def cuda_peak_of(fn):
     return torch.cuda.max_memory_allocated() - before
 
 
-def measure_peak_here(method, tokens, H, V, dtype, device):
+def measure_peak_here(method, tokens, H, V, dtype, device, batch="dense"):
     """Runs in a fresh process: peak extra bytes of one forward + backward."""
     # A warm-up call at the same size first: lazy imports, compilation (Liger
     # compiles its chunk function) and one-time set-up stay out of the peak.
-    x = make_inputs(tokens, H, V, getattr(torch, dtype), device)
+    x = make_inputs(tokens, H, V, getattr(torch, dtype), device, batch=batch)
     fn = method_fn(method, x)
     fn()
     if device == "cpu":  # hand freed heap pages back, so that RSS counts live memory only
@@ -254,8 +294,9 @@ def measure_peak_here(method, tokens, H, V, dtype, device):
     return peak_rss_bytes() - before
 
 
-def measure_peak(method, tokens, H, V, dtype, device):
-    cmd = [sys.executable, __file__, "--peak-of", json.dumps([method, tokens, H, V, dtype, device])]
+def measure_peak(method, tokens, H, V, dtype, device, batch):
+    cmd = [sys.executable, __file__, "--peak-of",
+           json.dumps([method, tokens, H, V, dtype, device, batch])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         print(f"note: peak memory of {method} failed: {out.stderr.strip()[-300:]}")
@@ -277,6 +318,20 @@ def device_name(device):
     return f"{model} ({os.cpu_count()} cores)"
 
 
+def print_load_ratios(rows):
+    """The fused loss's ratio to the three matmuls, quiet and with a core busy
+    (issue 19's goal: loaded within 1.3x of quiet)."""
+    at = {(r["tokens"], r["H"], r["V"], r["batch"], r["load"]): r
+          for r in rows if r["method"] == FUSED}
+    print("\n| tokens x H x V | batch | fused / matmuls quiet | one core busy | loaded / quiet |")
+    print("|---|---|---:|---:|---:|")
+    for (t, h, v, batch, load), quiet in at.items():
+        busy = at.get((t, h, v, batch, "one core busy"))
+        if load == "quiet" and busy is not None:
+            print(f"| {t} x {h} x {v} | {batch} | {quiet['vs_matmuls']:.2f} | "
+                  f"{busy['vs_matmuls']:.2f} | {busy['vs_matmuls'] / quiet['vs_matmuls']:.2f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -287,6 +342,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one tiny size, 2 rounds (smoke test)")
     ap.add_argument("--methods", help="comma-separated subset (the plain loss and the three "
                                       "matmuls always run: the ratios need them)")
+    ap.add_argument("--batch", choices=(*BATCHES, "both"), default="dense",
+                    help="dense (every position valid, nothing clips), realistic (~40%% "
+                         "padding, ~5%% of tokens clipped) or both; see the module docstring")
+    ap.add_argument("--loaded", action="store_true",
+                    help="also time every method with another process spinning on one core")
     ap.add_argument("--csv", type=Path, default=CSV_DEFAULT)
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
@@ -305,7 +365,7 @@ def main(argv=None):
         sizes = CUDA_SIZES if device == "cuda" else CPU_SIZES
     methods = available_methods(device)
     if args.methods:
-        wanted = {m.strip() for m in args.methods.split(",")} | {PLAIN, MATMULS}
+        wanted = {m.strip() for m in args.methods.split(",")} | {PLAIN, MATMULS, MATMULS_VALID}
         unknown = wanted - set(methods)
         if unknown:
             ap.error(f"--methods: not available here: {', '.join(sorted(unknown))}; "
@@ -313,45 +373,58 @@ def main(argv=None):
         methods = [m for m in methods if m in wanted]
     print(f"Policy loss fwd+bwd on {device_name(device)}, torch {torch.__version__}, {dtype}, "
           f"{torch.get_num_threads()} threads; methods: {', '.join(methods)}\n")
+    batches = BATCHES if args.batch == "both" else (args.batch,)
+    loads = ("quiet", "one core busy") if args.loaded else ("quiet",)
     rows = []
     for tokens, H, V in sizes:
-        x = make_inputs(tokens, H, V, getattr(torch, dtype), device)
-        timings = time_methods(methods, x, device, args.rounds)
-        peaks = {}
-        for m in timings:
-            if args.no_memory:
-                peaks[m] = float("nan")
-            elif device == "cuda":  # the allocator's own peak is exact per call: no subprocess
-                peaks[m] = cuda_peak_of(method_fn(m, x)) / 2**20
-        del x
-        for m in timings:
-            peak = peaks[m] if m in peaks else measure_peak(m, tokens, H, V, dtype, device)
-            rows.append(dict(method=m, tokens=tokens, H=H, V=V, dtype=dtype,
-                             median_ms=timings[m][0], best_ms=timings[m][1], peak_extra_mib=peak))
-        plain, floor = timings[PLAIN][1], timings[MATMULS][1]
-        for r in rows[-len(timings):]:
-            r["vs_plain"] = plain / r["best_ms"]
-            r["vs_matmuls"] = r["best_ms"] / floor
+        for batch in batches:
+            x = make_inputs(tokens, H, V, getattr(torch, dtype), device, batch=batch)
+            for load in loads:
+                if load == "quiet":
+                    timings = time_methods(methods, x, device, args.rounds)
+                else:
+                    with busy_core():
+                        timings = time_methods(methods, x, device, args.rounds)
+                peaks = {}
+                for m in timings:
+                    if args.no_memory or load != "quiet":
+                        peaks[m] = float("nan")
+                    elif device == "cuda":  # the allocator's peak is exact per call: no subprocess
+                        peaks[m] = cuda_peak_of(method_fn(m, x)) / 2**20
+                    else:
+                        peaks[m] = None  # measured below, in a fresh process, after x is freed
+                plain, floor, floor_valid = (timings[k][1] for k in (PLAIN, MATMULS, MATMULS_VALID))
+                for m in timings:
+                    rows.append(dict(method=m, tokens=tokens, H=H, V=V, dtype=dtype,
+                                     median_ms=timings[m][0], best_ms=timings[m][1],
+                                     peak_extra_mib=peaks[m], vs_plain=plain / timings[m][1],
+                                     vs_matmuls=timings[m][1] / floor, batch=batch,
+                                     valid_fraction=x["valid_fraction"],
+                                     zero_grad_fraction=x["zero_grad_fraction"],
+                                     vs_matmuls_valid=timings[m][1] / floor_valid, load=load))
+            del x
+            for r in rows:
+                if r["peak_extra_mib"] is None:
+                    r["peak_extra_mib"] = measure_peak(r["method"], tokens, H, V, dtype, device,
+                                                       batch)
 
-    print("| tokens x H x V | method | median ms | best ms | peak extra MiB | speed-up vs plain | x three matmuls |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| tokens x H x V | batch (valid, zero-grad) | load | method | median ms | best ms | "
+          "peak extra MiB | speed-up vs plain | x three matmuls | x three matmuls, valid rows |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} x {r['H']} x {r['V']} | {r['method']} | {r['median_ms']:.1f} | "
-              f"{r['best_ms']:.1f} | {r['peak_extra_mib']:.0f} | {r['vs_plain']:.2f}x | "
-              f"{r['vs_matmuls']:.2f} |")
+        print(f"| {r['tokens']} x {r['H']} x {r['V']} | {r['batch']} ({r['valid_fraction']:.0%}, "
+              f"{r['zero_grad_fraction']:.0%}) | {r['load']} | {r['method']} | "
+              f"{r['median_ms']:.1f} | {r['best_ms']:.1f} | {r['peak_extra_mib']:.0f} | "
+              f"{r['vs_plain']:.2f}x | {r['vs_matmuls']:.2f} | {r['vs_matmuls_valid']:.2f} |")
+    if args.loaded:
+        print_load_ratios(rows)
     if not args.no_csv:
-        new = not args.csv.exists()
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         common = dict(timestamp=stamp, commit=git_commit(), device=device_name(device),
                       torch=torch.__version__, python=platform.python_version())
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new:
-                writer.writeheader()
-            for r in rows:
-                writer.writerow({**common, **{k: (f"{v:.3f}" if isinstance(v, float) else v)
-                                              for k, v in r.items()}})
+        append_csv_rows(args.csv, CSV_COLUMNS, [
+            {**common, **{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()}}
+            for r in rows])
         print(f"\nappended {len(rows)} rows to {args.csv}")
     return 0
 

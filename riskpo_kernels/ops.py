@@ -97,6 +97,19 @@ def gradients_or_zeros(like: torch.Tensor, *grads):
     return tuple(torch.zeros_like(like) if g is None else g for g in grads)
 
 
+def refuse_double_backward(public_name: str) -> None:
+    """Raised from a backward run with ``create_graph=True`` (autograd runs
+    backward in grad mode exactly then): these backwards are closed forms
+    computed below autograd, so a second derivative through them would be
+    silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{public_name}: double backward (a gradient taken with create_graph=True, e.g. a "
+            f"gradient penalty) is not supported by its kernels; take the first gradient "
+            f"without create_graph, or pass impl='reference', which autograd differentiates "
+            f"twice")
+
+
 def _check_fake_rewards(op: str, rewards: torch.Tensor, group_size: int) -> None:
     torch._check(rewards.dim() == 1, lambda: f"{op}: rewards must be 1-D, got {tuple(rewards.shape)}")
     torch._check(group_size >= 1, lambda: f"{op}: group_size must be >= 1, got {group_size}")
@@ -179,6 +192,7 @@ def _fused_linear_setup(ctx, inputs, output):
 
 def _fused_linear_backward(ctx, grad_loss, *_unused):
     # The forward already holds d loss / d inputs: backward only scales them.
+    refuse_double_backward("fused_linear_policy_loss")
     grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     # type(...) is float: under fake-tensor tracing (opcheck, AOTAutograd) item()
     # is a symbol, and the shortcut is not taken.
@@ -229,6 +243,7 @@ def _fused_linear_logprob_entropy_setup(ctx, inputs, output):
 
 
 def _fused_linear_logprob_entropy_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    refuse_double_backward("fused_linear_logprobs")
     hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
     grad_logprobs, grad_entropy = gradients_or_zeros(lse, grad_logprobs, grad_entropy)
     grad_hidden, grad_weight, grad_bias = torch.ops.riskpo.fused_linear_logprob_entropy_backward(
@@ -254,6 +269,7 @@ def _vocab_backward(backward_op_name):
     """The autograd formula of a log-prob/entropy op: its backward op, fed with
     zeros for an output that received no gradient."""
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        refuse_double_backward("policy_loss")
         logits, tokens, lse, entropy = ctx.saved_tensors
         grad_logprobs, grad_entropy = gradients_or_zeros(lse, grad_logprobs, grad_entropy)
         grad_logits = getattr(torch.ops.riskpo, backward_op_name)(

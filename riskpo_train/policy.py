@@ -40,8 +40,9 @@ class Policy(torch.nn.Module):
         hidden = self.response_hidden(input_ids, attention_mask, response.shape[1])
         head = self.lm.get_output_embeddings()
         if advantages is None:
+            # Padding rows are skipped (their log-probs and entropies are 0).
             return rk.fused_linear_logprobs(hidden, head.weight, response, bias=head.bias,
-                                            temperature=self.temperature,
+                                            mask=response_mask, temperature=self.temperature,
                                             chunk_size=self.chunk_size)
         out = rk.fused_linear_policy_loss(
             hidden, head.weight, response, response_mask, advantages, bias=head.bias,

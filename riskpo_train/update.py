@@ -47,10 +47,12 @@ def micro_batches(rows: int, size: int):
 
 @torch.no_grad()
 def rollout_logprobs(policy, batch: Rollout, micro_batch_size: int) -> tuple:
-    """(logprobs, entropy): (B, Tr) float32 of the responses under ``policy``."""
+    """(logprobs, entropy): (B, Tr) float32 of the responses under ``policy``,
+    0 at padding (never computed)."""
     lps, ents = [], []
     for rows in micro_batches(batch.response.shape[0], micro_batch_size):
-        lp, ent = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows])
+        lp, ent = policy(batch.input_ids[rows], batch.attention_mask[rows], batch.response[rows],
+                         batch.response_mask[rows])
         lps.append(lp)
         ents.append(ent)
     return torch.cat(lps), torch.cat(ents)

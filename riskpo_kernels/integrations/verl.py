@@ -382,9 +382,14 @@ def forward_with_riskpo_backend(self, input_ids=None, attention_mask=None, posit
     else:
         raise RuntimeError("forward_with_riskpo_backend needs shift_labels, labels or input_ids")
     head = self.get_output_embeddings()
+    # Padded batches (verl without remove-padding) skip their padding rows, whose
+    # log-probs and entropies are then 0; packed ones (1, total_nnz) have none.
+    mask = attention_mask if (isinstance(attention_mask, torch.Tensor)
+                              and attention_mask.shape == hidden.shape[:-1]) else None
     log_probs, entropy = rk.fused_linear_logprobs(
         hidden, head.weight, targets.reshape(hidden.shape[:-1]).to(torch.int64),
-        bias=getattr(head, "bias", None), temperature=float(temperature))
+        bias=getattr(head, "bias", None), mask=None if mask is None else mask != 0,
+        temperature=float(temperature))
     return _dense_common.CausalLMOutputForPPO(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states, attentions=outputs.attentions)
