@@ -29,15 +29,20 @@ Prints a markdown table, appends the rows to benchmarks/results/advantages.csv
 loop-estimator speedup at 512x10 (project goal: >= 1000x on a 2-core CPU).
 It is a report, not a test: it exits 0 whatever the speedups are.
 
+--loaded times the compiled op, the public API and the reference a second time
+while another process spins on one core (benchmarks/loaded.py), and prints each
+loaded median over its quiet one (issue 19's goal: within 2x at 512x10 and
+2048x16); the CSV's `load` column says which.
+
     python benchmarks/bench_advantages.py                 # CPU, 64x8, 512x10, 2048x16
     python benchmarks/bench_advantages.py --device cuda   # + 512x16, 4096x16
     python benchmarks/bench_advantages.py --quick --no-csv
+    python benchmarks/bench_advantages.py --loaded
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -55,7 +60,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import riskpo_kernels as rk  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from loaded import busy_core  # noqa: E402
+from provenance import append_csv_rows, git_commit  # noqa: E402
 from riskpo_kernels.risk_core import grpo_advantages_reference  # noqa: E402
 from riskpo_kernels.risk_core.loop_estimator import mvar_advantages_loop_flat  # noqa: E402
 
@@ -65,7 +71,8 @@ GOAL_SIZE = (512, 10)
 LOOP_MAX_RESPONSES = 32768   # above this the loop estimator takes many seconds a call
 CSV_DEFAULT = REPO / "benchmarks" / "results" / "advantages.csv"
 CSV_COLUMNS = ["timestamp", "commit", "device", "torch", "python", "op", "impl", "P", "n",
-               "bundle_size", "responses", "median_us", "speedup_vs_loop"]
+               "bundle_size", "responses", "median_us", "speedup_vs_loop", "load"]
+QUIET, BUSY = "quiet", "one core busy"
 
 # RiskPO defaults for the benchmark (RISKPO_SPEC.md section 9, MATH/GSM8K run).
 BUNDLE, ALPHA, BETA, W_LOW, W_HIGH, CREDIT, MODE, EPS = 5, 0.2, 0.8, 1.5, 0.0, "std", "batch", 1e-6
@@ -83,6 +90,7 @@ class Row:
     median_us: float
     speedup_vs_loop: float | None = None
     speedup_vs_ref: float | None = None
+    load: str = QUIET
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -209,6 +217,9 @@ def bench_size(P: int, n: int, args) -> list[Row]:
                 check_same(f"{op} {name} at {P}x{n}", fn(), want)
         for name, fn in impls.items():
             rows.append(Row(op, name, P, n, timed(fn) * 1e6))
+            if args.loaded and not cuda:
+                with busy_core():
+                    rows.append(Row(op, name, P, n, timed(fn) * 1e6, load=BUSY))
             if cuda and name == COMPILED:
                 try:
                     graph_s = time_cuda_graph(fn, args.cuda_rounds, args.cuda_iters)
@@ -233,9 +244,9 @@ def bench_size(P: int, n: int, args) -> list[Row]:
 
 def add_speedups(rows: list[Row]) -> None:
     """Speedups within one op and size: against the loop estimator and the reference."""
-    base = {(r.op, r.impl): r.median_us for r in rows}
+    base = {(r.op, r.impl, r.load): r.median_us for r in rows}
     for r in rows:
-        loop_us, ref_us = base.get((r.op, LOOP)), base.get((r.op, REFERENCE))
+        loop_us, ref_us = base.get((r.op, LOOP, r.load)), base.get((r.op, REFERENCE, r.load))
         if loop_us is not None and r.impl != LOOP:
             r.speedup_vs_loop = loop_us / r.median_us
         if ref_us is not None and r.impl not in (LOOP, REFERENCE):
@@ -264,33 +275,36 @@ def fmt_speedup(x: float | None) -> str:
 def print_table(rows: list[Row], device: str, loop_device: str) -> None:
     print(f"\nAdvantages on {device_name(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; loop estimator on {loop_device}.\n")
-    print("| size (P x n) | op | impl | median (µs) | vs loop estimator | vs reference |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| size (P x n) | op | impl | load | median (µs) | vs loop estimator | vs reference |")
+    print("|---|---|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r.P}x{r.n} ({r.P * r.n}) | {r.op} | {r.impl} | {r.median_us:,.1f} | "
+        print(f"| {r.P}x{r.n} ({r.P * r.n}) | {r.op} | {r.impl} | {r.load} | {r.median_us:,.1f} | "
               f"{fmt_speedup(r.speedup_vs_loop)} | {fmt_speedup(r.speedup_vs_ref)} |")
+    quiet = {(r.op, r.impl, r.P, r.n): r.median_us for r in rows if r.load == QUIET}
+    loaded = [r for r in rows if r.load == BUSY]
+    if loaded:
+        print("\n| size (P x n) | op | impl | quiet µs | one core busy µs | loaded / quiet |")
+        print("|---|---|---|---:|---:|---:|")
+        for r in loaded:
+            q = quiet[(r.op, r.impl, r.P, r.n)]
+            print(f"| {r.P}x{r.n} | {r.op} | {r.impl} | {q:,.1f} | {r.median_us:,.1f} | "
+                  f"{r.median_us / q:.2f}x |")
 
 
 def append_csv(rows: list[Row], path: Path, device: str) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
     common = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=git_commit(), device=device_name(device), torch=torch.__version__,
                   python=platform.python_version(), bundle_size=BUNDLE)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow(dict(common, op=r.op, impl=r.impl, P=r.P, n=r.n, responses=r.P * r.n,
-                                 median_us=f"{r.median_us:.3f}",
-                                 speedup_vs_loop="" if r.speedup_vs_loop is None
-                                 else f"{r.speedup_vs_loop:.1f}"))
+    append_csv_rows(path, CSV_COLUMNS, [
+        dict(common, op=r.op, impl=r.impl, P=r.P, n=r.n, responses=r.P * r.n,
+             median_us=f"{r.median_us:.3f}", load=r.load,
+             speedup_vs_loop="" if r.speedup_vs_loop is None else f"{r.speedup_vs_loop:.1f}")
+        for r in rows])
     print(f"\nappended {len(rows)} rows to {path}")
 
 
 def print_goal(rows: list[Row]) -> None:
-    at = {(r.P, r.n, r.impl): r for r in rows if r.op == "mvar_advantages"}
+    at = {(r.P, r.n, r.impl): r for r in rows if r.op == "mvar_advantages" and r.load == QUIET}
     compiled, loop = at.get((*GOAL_SIZE, COMPILED)), at.get((*GOAL_SIZE, LOOP))
     size = f"{GOAL_SIZE[0]}x{GOAL_SIZE[1]}"
     if compiled is None or loop is None:
@@ -325,6 +339,8 @@ def parse_args(argv=None):
     ap.add_argument("--csv", type=Path, default=CSV_DEFAULT, help="CSV to append rows to")
     ap.add_argument("--no-csv", action="store_true", help="print only, append no CSV rows")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loaded", action="store_true",
+                    help="CPU: also time the kernels with another process spinning on one core")
     ap.add_argument("--min-run-time", type=float, default=0.2,
                     help="CPU: seconds of timing per implementation and size")
     ap.add_argument("--loop-repeats", type=int, default=0,

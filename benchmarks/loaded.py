@@ -17,9 +17,10 @@ import os
 import time
 
 
-def _spin(core: int | None, stop) -> None:
+def _spin(core: int | None, ready, stop) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
+    ready.set()
     x = 0
     while not stop.is_set():  # pure Python arithmetic: one core at 100%, no memory traffic
         for _ in range(10000):
@@ -39,10 +40,17 @@ def busy_core_index() -> int | None:
 def busy_core():
     """Keeps one core busy (a spinning process pinned to it) while the block runs."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP threads
-    stop = ctx.Event()
-    proc = ctx.Process(target=_spin, args=(busy_core_index(), stop), daemon=True)
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_spin, args=(busy_core_index(), ready, stop), daemon=True)
     proc.start()
-    time.sleep(0.3)  # let it start spinning before anything is timed
+    # A spawned child re-imports the benchmark's main module (torch included)
+    # before it spins: wait for it, so no timing sees a half-started load.
+    deadline = time.monotonic() + 120
+    while not ready.wait(timeout=0.2):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the busy-core process did not start (exit code {proc.exitcode})")
+    time.sleep(0.1)
     try:
         yield proc
     finally:
