@@ -17,25 +17,35 @@ from .common import accumulation_dtype
 LIBRARY = torch.library.Library("riskpo", "DEF")
 
 SCHEMAS = {
+    # Defaults are the public functions' (risk_core/api.py, policy/api.py), so
+    # that a keyword call of an op equals the function with the same options
+    # (tests/test_raw_ops.py). torch.library takes defaults only on trailing
+    # arguments; the backward ops and the fused-linear ops get none (see there).
     # Mixed-VaR bundle advantages (RISKPO_SPEC.md sections 2-5). rewards: (P * n,).
     # Returns advantages (P * n,) in the rewards' dtype, and bundle_scores
     # (num_bundles, n), q_lo and q_hi (num_bundles,) in the accumulation dtype.
+    # None for a tracked quantile is batch quantiles; None for a baseline is 0.
     "mvar_advantages": (
-        "(Tensor rewards, int group_size, int bundle_size, float alpha, float beta, "
-        "float w_low, float w_high, str quantile_mode, Tensor? q_lo_track, Tensor? q_hi_track, "
-        "str credit, bool normalize_std, bool natural_baseline, Tensor? base_mid, "
-        "Tensor? base_low, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+        "(Tensor rewards, int group_size, int bundle_size=5, float alpha=0.2, float beta=0.8, "
+        "float w_low=1.5, float w_high=0., str quantile_mode=\"batch\", Tensor? q_lo_track=None, "
+        "Tensor? q_hi_track=None, str credit=\"uniform\", bool normalize_std=True, "
+        "bool natural_baseline=True, Tensor? base_mid=None, Tensor? base_low=None, "
+        "float eps=1e-06) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
     # GRPO group advantages (section 7). rewards: (P * n,) -> (P * n,).
-    "grpo_advantages": "(Tensor rewards, int group_size, bool normalize_std, float eps) -> Tensor",
+    "grpo_advantages": (
+        "(Tensor rewards, int group_size, bool normalize_std=True, float eps=1e-06) -> Tensor"
+    ),
     # Policy loss, vocabulary part (section 8). logits: (N, V), tokens: (N,) int64.
     # One pass per row: log-prob of the target, entropy, log-sum-exp of
     # softmax(logits / temperature), each (N,) float32 (float64 for float64 logits).
     "token_logprob_entropy": (
-        "(Tensor logits, Tensor tokens, float temperature) -> (Tensor, Tensor, Tensor)"
+        "(Tensor logits, Tensor tokens, float temperature=1.) -> (Tensor, Tensor, Tensor)"
     ),
     # Its backward: d(loss)/d(logits) (N, V) in the logits' dtype, recomputing the
-    # softmax from the saved log-sum-exp (nothing of size N * V is saved).
+    # softmax from the saved log-sum-exp (nothing of size N * V is saved). No
+    # default temperature: one that differed from the forward's would be a
+    # silently wrong gradient.
     "token_logprob_entropy_backward": (
         "(Tensor grad_logprobs, Tensor grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
         "Tensor entropy, float temperature) -> Tensor"
@@ -50,7 +60,9 @@ SCHEMAS = {
     # tokens, aggregation weights, advantages, old/ref log-probs (N,). Chunks of
     # chunk_size rows; the gradients are finished in forward and returned:
     # loss (), logprobs (N,), entropy (N,), grad_hidden (N, H), grad_weight (V, H),
-    # grad_bias (V,) (empty without bias). vocab_impl: "cpp" or "triton".
+    # grad_bias (V,) (empty without bias). vocab_impl: "cpp" or "triton". No
+    # defaults: chunk_size and vocab_impl come last and have none that holds on
+    # every device (the public function picks both per device).
     "fused_linear_policy_loss": (
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, Tensor weights, "
         "Tensor advantages, Tensor? old_logprobs, Tensor? ref_logprobs, float clip_low, "
@@ -116,9 +128,12 @@ def _check_fake_rewards(op: str, rewards: torch.Tensor, group_size: int) -> None
 
 
 @torch.library.register_fake("riskpo::mvar_advantages")
-def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, w_high,
-                          quantile_mode, q_lo_track, q_hi_track, credit, normalize_std,
-                          natural_baseline, base_mid, base_low, eps):
+def _mvar_advantages_fake(rewards, group_size, bundle_size=5, alpha=0.2, beta=0.8, w_low=1.5,
+                          w_high=0.0, quantile_mode="batch", q_lo_track=None, q_hi_track=None,
+                          credit="uniform", normalize_std=True, natural_baseline=True,
+                          base_mid=None, base_low=None, eps=1e-6):
+    # The schema's defaults: the dispatcher drops trailing arguments equal to
+    # their defaults before calling a Python kernel (this fake included).
     _check_fake_rewards("mvar_advantages", rewards, group_size)
     _check_fake_devices("mvar_advantages", "rewards", rewards, q_lo_track=q_lo_track,
                         q_hi_track=q_hi_track, base_mid=base_mid, base_low=base_low)
@@ -136,13 +151,13 @@ def _mvar_advantages_fake(rewards, group_size, bundle_size, alpha, beta, w_low, 
 
 
 @torch.library.register_fake("riskpo::grpo_advantages")
-def _grpo_advantages_fake(rewards, group_size, normalize_std, eps):
+def _grpo_advantages_fake(rewards, group_size, normalize_std=True, eps=1e-6):
     _check_fake_rewards("grpo_advantages", rewards, group_size)
     return rewards.new_empty(rewards.shape)
 
 
 @torch.library.register_fake("riskpo::token_logprob_entropy")
-def _token_logprob_entropy_fake(logits, tokens, temperature):
+def _token_logprob_entropy_fake(logits, tokens, temperature=1.0):
     torch._check(logits.dim() == 2, lambda: f"logits must be (N, V), got {tuple(logits.shape)}")
     _check_fake_devices("token_logprob_entropy", "logits", logits, tokens=tokens)
     acc = accumulation_dtype(logits.dtype)

@@ -9,7 +9,19 @@ the recipes here say. Pass ``quantile_mode="track"`` for the authors' intent.
 
 One table serves the trainer's ``--recipe``, the verl adapter's defaults and
 the TRL adapter's ``RiskPOConfig``.
+
+To change an option of a recipe, give it to :func:`advantage_options`, which
+returns the recipe with the explicit value in its place::
+
+    rk.mvar_advantages(rewards, group_size=n, **advantage_options("math", bundle_size=8))
+
+not next to the unpacked recipe: ``mvar_advantages(..., bundle_size=8,
+**advantage_options("math"))`` names ``bundle_size`` twice, which Python
+refuses (``TypeError: got multiple values for keyword argument``) before any
+function of ours runs.
 """
+
+import inspect
 
 from types import MappingProxyType
 
@@ -38,18 +50,40 @@ RECIPES = MappingProxyType({
 
 
 def recipe(name: str):
-    """The recipe called ``name`` (``math`` or ``dapo``); a clear error otherwise."""
-    if name not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    """The recipe called ``name`` (``math`` or ``dapo``): a read-only mapping
+    ``{"advantage": {...}, "training": {...}}``. Any other name, or a name that
+    is not a ``str`` (a list from a config file), raises ``ValueError``."""
+    # Checked before the lookup: a list is unhashable, and `in` would raise a
+    # TypeError that names neither the argument nor the recipes.
+    if not isinstance(name, str) or name not in RECIPES:
+        got = repr(name) if isinstance(name, str) else f"{name!r} ({type(name).__name__})"
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {got}")
     return RECIPES[name]
 
 
+def _mvar_keywords() -> tuple[str, ...]:
+    # Imported here: the recipes table is read by modules that mvar_advantages'
+    # package imports (the adapters, the trainer's config).
+    from .risk_core.api import mvar_advantages
+    return tuple(p for p in inspect.signature(mvar_advantages).parameters if p != "rewards")
+
+
 def advantage_options(name: str = "math", **overrides) -> dict:
-    """``mvar_advantages`` keyword arguments of recipe ``name``, with ``overrides`` applied."""
+    """``mvar_advantages`` keyword arguments of recipe ``name``, each of
+    ``overrides`` replacing the recipe's value (the explicit one wins)::
+
+        advantage_options("math", bundle_size=8)   # the math recipe, bundles of 8
+        advantage_options("math", quantile_mode="track", q_lo=q_lo, q_hi=q_hi)
+
+    ``overrides`` may name any keyword of :func:`~riskpo_kernels.mvar_advantages`
+    but ``rewards``; any other name raises ``ValueError`` naming it. Their values
+    are checked where they are used, by ``mvar_advantages``. Returns a new dict.
+    """
     options = dict(recipe(name)["advantage"])
-    unknown = sorted(set(overrides) - set(options))
+    allowed = _mvar_keywords()
+    unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown RiskPO advantage option(s) {unknown}; "
-                         f"the options are {sorted(options)}")
+        raise ValueError(f"unknown RiskPO advantage option(s) {unknown} for recipe {name!r}; "
+                         f"the options are mvar_advantages' keywords {list(allowed)}")
     options.update(overrides)
     return options

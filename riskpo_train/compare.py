@@ -2,8 +2,10 @@
 
 `riskpo-train compare OUT_A OUT_B ...` reads each run directory's `metrics.jsonl`
 (and `summary.json` / `config.json` when present) and writes `reward.png`,
-`pass1.png`, `passk.png`, `entropy.png`, `clipfrac.png`, `overview.png` and
-`comparison.md`.
+`pass1.png`, `passk.png`, `entropy.png`, `clipfrac.png`, `overview.png`,
+`seeds.png` (when the runs have evaluations) and `comparison.md` into `--out`
+(default: the parent of the first run directory); it prints the table, and on
+stderr the directory and the files it wrote.
 """
 
 from __future__ import annotations
@@ -544,6 +546,13 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
     parent of the first run directory) and return the table. With a
     ``reference`` run directory (e.g. the warm-up's evaluation), the table also
     has Pass@k per difficulty bucket of that run's test pass rates."""
+    return compare_files(paths, out_dir, reference)[0]
+
+
+def compare_files(paths: Sequence[str | Path], out_dir: str | Path | None = None,
+                  reference: str | Path | None = None) -> tuple[str, list[Path]]:
+    """:func:`compare`, returning (the table, the files it wrote: the PNGs, then
+    comparison.md)."""
     if not paths:
         raise ValueError("compare needs at least one run directory")
     # One run given twice (or through a symlink) would count as two seeds.
@@ -561,8 +570,10 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
         if names.count(run.name) > 1:
             run.name = f"{run.name} ({run.path.name})"
     out = Path(out_dir) if out_dir is not None else Path(paths[0]).resolve().parent
-    plot_runs(runs, out)
-    plot_mean_std(runs, out)
+    written = plot_runs(runs, out)
+    seeds_plot = plot_mean_std(runs, out)
+    if seeds_plot is not None:
+        written.append(seeds_plot)
     table = summary_table(runs)
     if reference is not None:
         buckets = bucket_table(runs, load_run(reference))
@@ -573,7 +584,7 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path | None = None,
                   f"in {Path(reference).name}'s first evaluation); mean ± sample std over "
                   f"seeds:\n\n{buckets}\n")
     (out / "comparison.md").write_text(table, encoding="utf-8")
-    return table
+    return table, written + [out / "comparison.md"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -585,8 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run output directory holding metrics.jsonl")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="where to write the PNGs and comparison.md "
-                             "(default: the parent of the first RUN_DIR)")
+                        help="where to write the PNGs and comparison.md (default: the parent "
+                             "of the first RUN_DIR); the table is also printed, and the "
+                             "files written are listed on stderr")
     parser.add_argument("--reference", metavar="RUN_DIR", default=None,
                         help="a run whose first evaluation sets each test question's "
                              "difficulty bucket (e.g. the warm-up's): adds Pass@k per bucket")
@@ -597,11 +609,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (Path(run) / METRICS_FILE).is_file():
             parser.error(f"{run}: no {METRICS_FILE} (not a run directory?)")
     try:
-        table = compare(args.runs, args.out, args.reference)
+        table, written = compare_files(args.runs, args.out, args.reference)
     except (ValueError, FileNotFoundError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     print(table, end="")
+    # On stderr: stdout stays the markdown table, fit for `> table.md`.
+    print(f"{parser.prog}: wrote {len(written)} files to {written[-1].parent.resolve()}: "
+          f"{', '.join(path.name for path in written)}", file=sys.stderr)
     return 0
 
 

@@ -73,7 +73,11 @@ class TrainConfig:
     warmup_steps: int = _opt(1500, "supervised warm-up steps of the embedded model (0 skips it)")
     warmup_lr: float = _opt(3e-3, "supervised warm-up learning rate")
     warmup_batch_size: int = _opt(64, "supervised warm-up batch size")
-    warmup_cache: str = _opt("runs/warmup-cache", "where warmed-up checkpoints are cached")
+    warmup_cache: str = _opt("runs/warmup-cache", "directory of the embedded model's cached "
+                                                  "warm-ups, one warmup-KEY subdirectory per "
+                                                  "warm-up setting; a relative path is under the "
+                                                  "current directory, not under --out, so the runs "
+                                                  "of a comparison share it")
     # Sampling.
     prompts_per_step: int = _opt(20, "P: prompts per RL step")
     group_size: int = _opt(8, "n: samples per prompt")
@@ -287,20 +291,60 @@ def check_type(f, value):
     return value
 
 
+# The --help sections, in order: (title, description, options). Every option
+# of TrainConfig is in exactly one (tests/test_train_recipes.py checks).
+OPTION_GROUPS = (
+    ("task", "the prompts and their reward: the embedded arithmetic task, or --data",
+     ("data", "reward", "reward_errors", "test_fraction", "task_digits", "task_operators",
+      "task_test_size", "task_seed")),
+    ("model", "the policy: --model, or the embedded tiny model and its supervised warm-up",
+     ("model", "tiny_hidden_size", "tiny_layers", "warmup_steps", "warmup_lr",
+      "warmup_batch_size", "warmup_cache")),
+    ("RL", "the algorithm and the rollouts of each step",
+     ("algo", "recipe", "seed", "rl_steps", "prompts_per_step", "group_size", "max_new_tokens",
+      "temperature", "top_p", "grpo_normalize_std")),
+    ("RiskPO", "the Mixed-VaR advantages (--algo riskpo); defaults: the published math recipe",
+     ("bundle_size", "alpha", "beta", "w_low", "w_high", "quantile_mode", "credit",
+      "normalize_std", "natural_baseline", "mean_baseline", "tracker_lr")),
+    ("optimisation", "the PPO-clip loss and the AdamW updates",
+     ("lr", "weight_decay", "max_grad_norm", "ppo_epochs", "minibatches", "micro_batch_size",
+      "clip_low", "clip_high", "clip_ratio_c", "kl_coef", "entropy_coef", "loss_agg",
+      "loss_scale_factor", "chunk_size")),
+    ("evaluation", "Pass@k on the held-out test split",
+     ("success_threshold", "eval_every", "eval_questions", "eval_samples")),
+    ("output", "the run directory (--out): metrics, checkpoints, final model",
+     ("out", "resume", "save_every", "progress")),
+    ("distributed", "devices and, under torchrun, FSDP2",
+     ("device", "param_dtype")),
+)
+
+
 def build_parser(prog: str = "riskpo-train") -> argparse.ArgumentParser:
+    # A short usage line: argparse's own lists all ~70 flags before the sections.
     parser = argparse.ArgumentParser(
-        prog=prog, description="RLVR training with RiskPO or GRPO. Defaults train the embedded "
+        prog=prog, usage="%(prog)s [-h] [--config FILE] [--OPTION VALUE ...]\n"
+                         "       %(prog)s compare RUN_DIR [RUN_DIR ...] [--out DIR]",
+        description="RLVR training with RiskPO or GRPO. Defaults train the embedded "
         "tiny model on the embedded arithmetic task. `riskpo-train compare RUN...` compares runs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML file of options (flags override it)")
-    for f in fields(TrainConfig):
-        typ, _ = _field_type(f)
-        kwargs = {"default": argparse.SUPPRESS, "help": f.metadata["help"] + f" (default: {f.default})"}
-        if typ is bool:
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{_flag(f.name)}", type=typ, choices=f.metadata.get("choices"),
-                                **kwargs)
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML file of options (flags override it)")
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    grouped = [name for _, _, names in OPTION_GROUPS for name in names]
+    # An option missing from the table still gets its flag, in a last section.
+    rest = tuple(name for name in by_name if name not in grouped)
+    for title, description, names in OPTION_GROUPS + ((("other", None, rest),) if rest else ()):
+        group = parser.add_argument_group(title, description)
+        for f in (by_name[name] for name in names):
+            typ, _ = _field_type(f)
+            kwargs = {"default": argparse.SUPPRESS,
+                      "help": f.metadata["help"] + f" (default: {f.default})"}
+            if typ is bool:
+                group.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction,
+                                   **kwargs)
+            else:
+                group.add_argument(f"--{_flag(f.name)}", type=typ,
+                                   choices=f.metadata.get("choices"), **kwargs)
     return parser
 
 

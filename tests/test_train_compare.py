@@ -315,10 +315,27 @@ def test_compare_disambiguates_repeated_names(tmp_path):
 def test_main_prints_the_table(runs, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cmp.main([*map(str, _paths(runs)), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed == (out / "comparison.md").read_text()
     assert all(name in printed for name in runs)
     assert all((out / name).is_file() for name in PLOTS)
+    # Where the files went, on stderr (stdout stays the table): every file, once.
+    err = captured.err.strip()
+    assert err.startswith(f"riskpo-train compare: wrote {len(PLOTS) + 2} files to "
+                          f"{out.resolve()}: ")
+    listed = err.split(": ")[-1].split(", ")
+    assert sorted(listed) == sorted([*PLOTS, "seeds.png", "comparison.md"])
+    assert all((out / name).is_file() for name in listed)
+
+
+@needs_matplotlib
+def test_compare_files_lists_what_it_wrote(runs, tmp_path):
+    table, written = cmp.compare_files(_paths(runs), tmp_path / "o")
+    assert written[-1] == tmp_path / "o" / "comparison.md"
+    assert written[-1].read_text() == table
+    assert {p.name for p in written} == {*PLOTS, "seeds.png", "comparison.md"}
+    assert all(p.parent == tmp_path / "o" and p.is_file() for p in written)
 
 
 def test_main_missing_directory_exits_2(runs, tmp_path, capsys):
@@ -343,3 +360,43 @@ def test_import_does_not_load_matplotlib():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "False"
+
+
+# --- the CLI without the [train] extra --------------------------------------------------
+
+def test_compare_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch, capsys):
+    from riskpo_train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ModuleNotFoundError
+    assert main(["compare", *map(str, _paths(runs)), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("riskpo-train: error: the trainer needs matplotlib (no module named "
+                   "'matplotlib'), one of its optional dependencies: "
+                   'pip install "riskpo-kernels[train]"')
+
+
+@pytest.mark.parametrize("module, distribution", [("tokenizers", "tokenizers"),
+                                                  ("transformers", "transformers")])
+def test_training_without_the_extra_names_it(tmp_path, monkeypatch, capsys, module, distribution):
+    """The first import of the trainer's model code fails as on a plain install,
+    before any step runs."""
+    from riskpo_train.__main__ import main
+
+    monkeypatch.setitem(sys.modules, module, None)
+    assert main(["--out", str(tmp_path / "run"), "--warmup-steps", "0", "--rl-steps", "1",
+                 "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert (f"riskpo-train: error: the trainer needs {distribution} "
+            f"(no module named {module!r})") in err
+    assert err.strip().endswith('pip install "riskpo-kernels[train]"')
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_other_missing_modules_keep_their_traceback():
+    from riskpo_train.__main__ import missing_train_extra
+
+    assert missing_train_extra(ModuleNotFoundError("x", name="safetensors")) is None
+    assert missing_train_extra(ImportError("cannot import name 'Qwen2Config'",
+                                           name="transformers")) is None
+    assert "pyyaml" in missing_train_extra(ModuleNotFoundError("x", name="yaml"))
+    assert "matplotlib" in missing_train_extra(ModuleNotFoundError("x", name="matplotlib.pyplot"))

@@ -65,6 +65,13 @@ def test_unknown_recipe_is_refused_by_name(tmp_path):
         TrainConfig.from_recipe("math", recipe="dapo")
     with pytest.raises(ValueError, match=r"unknown RiskPO advantage option\(s\) \['gamma'\]"):
         advantage_options("math", gamma=1)
+    # A list where a recipe name belongs (a YAML `recipe: [math]` handed on).
+    with pytest.raises(ValueError,
+                       match=r"recipe must be one of \['dapo', 'math'\], got \['math'\] \(list\)"):
+        TrainConfig.from_recipe(["math"])
+    path.write_text("recipe: [math]\n")
+    with pytest.raises(ValueError, match="recipe must be a string"):
+        parse_config(["--config", str(path)])
 
 
 def test_trainer_defaults_are_the_math_recipes_advantage():
@@ -84,6 +91,61 @@ def test_every_recipe_value_is_a_trainer_option():
 def test_partial_last_bundle_is_allowed_as_in_the_published_run():
     # 1024 prompts in bundles of 5: 204 bundles and one of 4.
     TrainConfig.from_recipe("math")
+
+
+# --- --help in sections ---------------------------------------------------------------
+
+def test_every_option_is_in_exactly_one_help_section():
+    from dataclasses import fields
+
+    from riskpo_train.config import OPTION_GROUPS
+
+    grouped = [name for _, _, names in OPTION_GROUPS for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(TrainConfig))
+    assert len(grouped) == len(set(grouped))
+    assert [title for title, _, _ in OPTION_GROUPS] == [
+        "task", "model", "RL", "RiskPO", "optimisation", "evaluation", "output", "distributed"]
+
+
+def test_help_lists_the_sections_in_order_and_every_flag_once():
+    from dataclasses import fields
+
+    from riskpo_train.config import build_parser
+
+    text = build_parser().format_help()
+    lines = text.splitlines()
+    titles = ["task:", "model:", "RL:", "RiskPO:", "optimisation:", "evaluation:", "output:",
+              "distributed:"]
+    assert [line for line in lines if line in titles] == titles
+    assert "other:" not in lines
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        # Once in its section; the usage line names no option but --config.
+        starts = [line.split()[0] for line in lines if line.strip()]
+        assert starts.count(flag) + starts.count(flag + ",") == 1, flag
+    assert "--warmup-cache" not in text.split("\n\n")[0]
+    # The section of a flag: --beta under RiskPO, --lr under optimisation.
+    assert text.index("RiskPO:") < text.index("--beta BETA") < text.index("optimisation:")
+    assert text.index("optimisation:") < text.index("--lr LR") < text.index("evaluation:")
+    # Where the warm-up cache goes, said in its help.
+    cache_help = " ".join(text[text.index("--warmup-cache"):text.index("RL:")].split())
+    assert "under the current directory, not under --out" in cache_help
+
+
+def test_sections_leave_parsing_unchanged(tmp_path):
+    """Every flag kind still parses as before: values, choices, --no- booleans,
+    the YAML file under the flags, the defaults of flags not given."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\nbeta: 0.85\n")
+    cfg = parse_config(["--config", str(path), "--lr", "0.002", "--no-normalize-std",
+                        "--credit", "uniform", "--device", "cpu", "--eval-every", "3",
+                        "--warmup-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    assert (cfg.lr, cfg.beta, cfg.normalize_std, cfg.credit, cfg.device, cfg.eval_every) == \
+        (0.002, 0.85, False, "uniform", "cpu", 3)
+    assert (cfg.warmup_cache, cfg.out) == (str(tmp_path / "cache"), str(tmp_path / "o"))
+    assert parse_config([]) == TrainConfig().validate()
+    with pytest.raises(SystemExit):
+        parse_config(["--credit", "nope"])
 
 
 # --- Pass@k at several k, per question ------------------------------------------------

@@ -18,7 +18,7 @@ def _kernels():
     return triton_kernels
 
 
-def _forward(logits, tokens, temperature):
+def _forward(logits, tokens, temperature=1.0):  # the schema's default (ops.py)
     return _kernels().logprob_entropy_triton(logits, tokens, temperature)
 
 

@@ -105,6 +105,9 @@ def mvar_advantages(rewards, group_size=None, bundle_size=5, alpha=0.2, beta=0.8
 
         rk.mvar_advantages(rewards, group_size=n, **rk.recipes.advantage_options("math"))
 
+    and to change one of them, give it to ``advantage_options`` (the explicit
+    value wins): ``**rk.recipes.advantage_options("math", bundle_size=8)``; next
+    to the unpacked recipe it would be a duplicate keyword, a ``TypeError``.
     (``riskpo-train`` defaults to the math recipe's options.)
 
     Returns an :class:`MVaRResult`. Non-finite rewards raise ``ValueError`` on
