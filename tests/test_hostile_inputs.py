@@ -6,7 +6,10 @@ tests/hostile_cases.py generates the cases from each entry point's valid call:
 freed storage, meta and sparse tensors, non-tensors and wrong dtypes for every tensor
 argument, 'False' for every boolean, integers past int64 and negative ones,
 NaN and infinity for every float, unknown strings, and writes into tensors
-that require grad or are inference tensors for the in-place ops. They run in
+that require grad or are inference tensors for the in-place ops; and for the
+adapters, recipes and the trainer's resume, bad config options (named by
+their config key), prompt ids in every container, and damaged files (named
+by their path, their code never run). They run in
 a subprocess of their own (a crash or a hang there is reported here as that
 case's failure, and the sweep resumes after it). The last tests check the
 answers to inputs that are odd but valid.
@@ -14,7 +17,9 @@ answers to inputs that are odd but valid.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
 import json
 import math
 import subprocess
@@ -29,6 +34,8 @@ import riskpo_kernels as rk
 
 HERE = Path(__file__).resolve().parent
 CLEAR_ERRORS = ("ValueError", "RuntimeError", "TypeError")
+# A file argument may also be refused by the OSError that says what is at its path.
+CLEAR_FILE_ERRORS = CLEAR_ERRORS + ("FileNotFoundError", "IsADirectoryError")
 
 
 def _sweep(device: str) -> dict:
@@ -81,6 +88,17 @@ def _problem(case: str, result: dict) -> str | None:
         if outcome != "returned":
             return f"the valid call raised {result['type']}: {result['message'][:300]}"
         return f"modified its inputs {result['modified']}" if result["modified"] else None
+    if result.get("ran_code"):
+        return "loading the file ran the code it holds"
+    expect = result.get("expect")  # an odd but valid input: an answer, not an error
+    if expect is not None:
+        if outcome != "returned":
+            wanted = "the valid call's answer" if expect == "same" else "an answer"
+            return f"raised {result['type']} for a valid input (expected {wanted}): " \
+                   f"{result['message'][:300]}"
+        if expect == "same" and not result["same"]:
+            return "answered differently from the valid call, for an input that means the same"
+        return None
     if outcome == "returned":
         # A raw op called with meta tensors only is torch's shape inference:
         # meta outputs, not data. Anything else returned is a silent answer.
@@ -90,10 +108,13 @@ def _problem(case: str, result: dict) -> str | None:
     if (entry.startswith("op.") and mutation == "sparse" and result["type"] == "NotImplementedError"
             and "Could not run 'riskpo::" in result["message"] and "Sparse" in result["message"]):
         return None  # torch's dispatcher refuses a sparse tensor before any kernel of ours
-    if result["type"] not in CLEAR_ERRORS:
+    clear = CLEAR_FILE_ERRORS if result.get("kind") == "file" else CLEAR_ERRORS
+    if result["type"] not in clear:
         return f"raised {result['type']}, not a clear error: {result['message'][:300]}"
-    if arg not in result["message"]:
-        return f"the {result['type']} does not name {arg!r}: {result['message'][:300]}"
+    # What the error must name: the argument, or the config key or file it came from.
+    name = result.get("must_name", arg)
+    if name not in result["message"]:
+        return f"the {result['type']} does not name {name!r}: {result['message'][:300]}"
     return None
 
 
@@ -125,6 +146,41 @@ def test_every_op_and_public_function_is_swept():
         "freed", "meta", "not_a_tensor", "int64", "bool", "complex64"}
 
 
+def _public_names(module: str) -> set:
+    """A module's __all__, else its public functions and classes; constants
+    (UPPER_CASE) aside. Read from the source: nothing is imported."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__"
+                                                for t in node.targets):
+            names = set(ast.literal_eval(node.value))
+            break
+    else:
+        names = {node.name for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    return {n for n in names if not n.startswith("_") and not n.isupper()}
+
+
+@pytest.mark.parametrize("module", sorted(cases.SURFACE))
+def test_every_entry_point_of_the_adapters_recipes_and_trainer_is_swept(module):
+    # A new public function of these modules fails here until it is given a
+    # valid call in hostile_cases.surface_entries() or a reason in NOT_SWEPT.
+    swept, skipped = set(cases.SURFACE[module]), set(cases.NOT_SWEPT[module])
+    assert not swept & skipped
+    assert _public_names(module) == swept | skipped, (
+        f"{module}: sweep each new entry point in hostile_cases.py (or say why not in NOT_SWEPT)")
+    needs = {"riskpo_kernels.integrations.verl": "verl", "riskpo_kernels.integrations.trl": "trl",
+             "riskpo_train.trainer": "transformers"}.get(module)
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        pytest.skip(f"{needs} is not installed")
+    names = [e.name.split(".") for e in cases.surface_entries()]
+    assert all(any(name in parts for parts in names) for name in swept)
+    if module == "riskpo_kernels.integrations.verl":  # its entries use every kind of the surface
+        kinds = {k for e in cases.surface_entries() for k in e.kinds.values()}
+        assert set(cases._SURFACE_MUTATIONS) | {"matrix"} <= kinds
+
+
 def test_a_crash_is_reported_as_the_cases_failure(tmp_path):
     # The harness itself: a case that kills its process is named, not lost.
     problem = _problem("op.x::rewards::freed", {"outcome": "crashed", "returncode": -11,
@@ -135,6 +191,23 @@ def test_a_crash_is_reported_as_the_cases_failure(tmp_path):
                                          "message": "alpha"})
     assert _problem("op.x::alpha::nan", {"outcome": "raised", "type": "ValueError",
                                          "message": "eps must be finite"})
+    # The surface's rules: the config key or file named, code never run, and
+    # odd but valid input answered (the valid call's answer where it means the same).
+    key = {"outcome": "raised", "type": "ValueError", "must_name": "algorithm.riskpo.alpha"}
+    assert _problem("verl.x::algorithm.riskpo.alpha::nan", {**key, "message": "alpha must be"})
+    assert not _problem("verl.x::algorithm.riskpo.alpha::nan",
+                        {**key, "message": "algorithm.riskpo.alpha must be finite"})
+    file = {"outcome": "raised", "kind": "file", "must_name": "/x/t.pt", "ran_code": False}
+    assert not _problem("e::f::absent", {**file, "type": "FileNotFoundError", "message": "/x/t.pt"})
+    assert _problem("e::f::empty", {**file, "type": "EOFError", "message": "/x/t.pt"})
+    assert _problem("e::f::empty", {**file, "type": "ValueError", "message": "t.pt is bad"})
+    assert _problem("e::f::runs_code", {**file, "ran_code": True, "type": "ValueError",
+                                        "message": "/x/t.pt"})
+    same = {"expect": "same", "outcome": "returned", "all_meta": False}
+    assert _problem("e::index::tensor", {**same, "same": False})
+    assert not _problem("e::index::tensor", {**same, "same": True})
+    assert _problem("e::index::tensor", {"expect": "same", "outcome": "raised",
+                                         "type": "ValueError", "message": "index"})
 
 
 # ---- odd but valid input: the right answer, not an error ----------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -273,7 +274,18 @@ def test_the_tracker_is_saved_with_the_checkpoint_and_restored(model_dir, tokeni
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.tracker.steps == 3  # two restored, one more step
 
-    (checkpoint / rtrl.TRACKER_FILE).unlink()
+    # A tracker file cut off mid-write (or empty) is named, with the way out.
+    path = checkpoint / rtrl.TRACKER_FILE
+    good = path.read_bytes()
+    for damaged in (good[:len(good) // 2], b""):
+        path.write_bytes(damaged)
+        broken = trainer(model_dir, tokenizer, dataset,
+                         config(out, quantile_mode="track", max_steps=3))
+        with pytest.raises(ValueError, match=re.escape(str(path)) + r": not a readable quantile "
+                           r"tracker state \(empty, truncated or corrupted.*delete the file"):
+            broken.train(resume_from_checkpoint=str(checkpoint))
+
+    path.unlink()
     restarted = trainer(model_dir, tokenizer, dataset,
                         config(out, quantile_mode="track", max_steps=3))
     with pytest.warns(UserWarning, match="quantile tracker restarts"):
@@ -389,6 +401,37 @@ def test_partial_bundles_warn_by_default_and_can_be_refused(model_dir, tokenizer
     tr = trainer(model_dir, tokenizer, dataset, config(tmp_path))
     torch.testing.assert_close(tr.riskpo_advantages(rewards, "train"), expected.advantages)
     assert tr.tracker.steps == 1
+
+
+def test_options_set_after_construction_and_bad_rewards_are_named(model_dir, tokenizer,
+                                                                  dataset, tmp_path):
+    # A dataclass field assigned later skips __post_init__: riskpo_advantages
+    # checks what it reads again (bundle_size 0 was a ZeroDivisionError).
+    tr = trainer(model_dir, tokenizer, dataset, config(tmp_path))
+    rewards = torch.arange(PROMPTS * N * 2, dtype=torch.float32).view(-1, 2).remainder(3)
+    want = tr.riskpo_advantages(rewards, "eval")
+    for value in (0, -2, 2.0, True, None):
+        tr.args.bundle_size = value
+        with pytest.raises(ValueError, match=r"RiskPOConfig.bundle_size: must be an integer >= 1"):
+            tr.riskpo_advantages(rewards, "eval")
+    tr.args.bundle_size = 2
+    tr.args.riskpo_alpha = float("nan")
+    with pytest.raises(ValueError, match="RiskPOConfig.riskpo_alpha: must be a finite"):
+        tr.riskpo_advantages(rewards, "eval")
+    tr.args.riskpo_alpha = 0.2
+    torch.testing.assert_close(tr.riskpo_advantages(rewards, "eval"), want, rtol=0, atol=0)
+    # 1-D rewards: refused (one function's rewards, or one completion's?), with the fix.
+    with pytest.raises(ValueError, match=r"rewards_per_func must be \(N, F\) = \(completions, 2 "
+                                         r"reward functions\), got shape \(16,\); for a single "
+                                         r"reward function pass rewards\[:, None\]"):
+        tr.riskpo_advantages(rewards.sum(1), "eval")
+    with pytest.raises(ValueError, match=r"rewards_per_func must be \(N, F\).*got shape \(16, 1\)"):
+        tr.riskpo_advantages(rewards[:, :1], "eval")
+    with pytest.raises(ValueError, match="rewards_per_func must be float32"):
+        tr.riskpo_advantages(rewards.long(), "eval")
+    with pytest.raises(ValueError, match="mode must be one of 'train', 'eval'"):
+        tr.riskpo_advantages(rewards, "test")
+    assert tr.tracker.steps == 0
 
 
 def test_a_completion_without_any_reward_is_refused(model_dir, tokenizer, dataset, tmp_path):

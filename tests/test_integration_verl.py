@@ -400,6 +400,17 @@ def test_bad_input_is_refused_by_name():
     # an AlgoConfig (no riskpo field) means the math recipe
     assert torch.equal(fn(rewards, mask, index=uids, config=AlgoConfig())[0],
                        fn(rewards, mask, index=uids, config=algo())[0])
+    # Prompt ids as a tensor group as verl's object array does (a tensor's
+    # elements hash by identity: every row was a prompt of its own, all zeros).
+    as_ints = torch.from_numpy(np.unique(uids, return_inverse=True)[1].reshape(-1))
+    want = fn(rewards, mask, index=uids, config=algo())[0]
+    assert want.abs().sum() > 0
+    assert torch.equal(fn(rewards, mask, index=as_ints, config=algo())[0], want)
+    # Options name their key, as verl's config spells it.
+    with pytest.raises(ValueError, match=r"algorithm\.riskpo\.tracker_lr must be > 0, got 0"):
+        fn(rewards, mask, index=uids, config=algo(tracker_lr=0))
+    with pytest.raises(ValueError, match=r"algorithm\.riskpo\.bundle_size must be >= 1"):
+        fn(rewards, mask, index=uids, config=algo(bundle_size=0))
 
 
 def test_a_verl_without_the_registries_is_named():

@@ -49,6 +49,7 @@ from transformers.utils import ModelOutput
 from trl import GRPOConfig, GRPOTrainer
 
 import riskpo_kernels as rk
+from riskpo_kernels import _validation as v
 from riskpo_kernels import backends
 from riskpo_kernels.common import CREDITS, QUANTILE_MODES
 from riskpo_kernels.recipes import advantage_options
@@ -213,6 +214,14 @@ def _real(config, name, minimum=None, strict=False) -> float:
     return float(value)
 
 
+def _count(config, name, alternative="") -> int:
+    """An integer in [1, 2**63 - 1] (the ops' int64): bool and float refused, not cast."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= v.INT64_MAX:
+        _fail(name, f"must be {alternative}an integer >= 1 (and <= 2**63 - 1), got {value!r}")
+    return value
+
+
 def _flag(config, name) -> bool:
     value = getattr(config, name)
     if not isinstance(value, bool):
@@ -220,14 +229,14 @@ def _flag(config, name) -> bool:
     return value
 
 
-def check_riskpo_options(config: RiskPOConfig) -> None:
-    """``ValueError`` naming the option for each invalid RiskPO option, and for the
-    TRL options the chosen advantages or loss cannot honour."""
+def check_advantage_options(config: RiskPOConfig) -> None:
+    """``ValueError`` naming the option for each invalid option the advantages
+    read. Run when the config is made and again by every
+    ``riskpo_advantages`` call: a dataclass field set after construction
+    (``args.bundle_size = 0``) skips ``__post_init__``."""
     if config.advantage not in ADVANTAGES:
         _fail("advantage", f"must be one of {', '.join(ADVANTAGES)}, got {config.advantage!r}")
-    size = config.bundle_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        _fail("bundle_size", f"must be an integer >= 1, got {size!r}")
+    _count(config, "bundle_size")
     alpha, beta = _real(config, "riskpo_alpha"), _real(config, "riskpo_beta")
     if not 0 < alpha < beta < 1:
         name = ("riskpo_alpha" if not 0 < alpha < 1 else "riskpo_beta" if not 0 < beta < 1
@@ -241,11 +250,21 @@ def check_riskpo_options(config: RiskPOConfig) -> None:
                                f"got {config.quantile_mode!r}")
     if config.credit not in CREDITS:
         _fail("credit", f"must be one of {', '.join(CREDITS)}, got {config.credit!r}")
-    for name in ("normalize_std", "natural_baseline", "mean_baseline", "use_riskpo_loss"):
+    for name in ("normalize_std", "natural_baseline", "mean_baseline"):
         _flag(config, name)
-    chunk = config.riskpo_chunk_size
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        _fail("riskpo_chunk_size", f"must be None or an integer >= 1, got {chunk!r}")
+    if config.partial_bundle not in PARTIAL_BUNDLE:
+        _fail("partial_bundle", f"must be one of {', '.join(PARTIAL_BUNDLE)}, "
+                                f"got {config.partial_bundle!r}")
+
+
+def check_riskpo_options(config: RiskPOConfig) -> None:
+    """``ValueError`` naming the option for each invalid RiskPO option, and for the
+    TRL options the chosen advantages or loss cannot honour."""
+    check_advantage_options(config)
+    size = config.bundle_size
+    _flag(config, "use_riskpo_loss")
+    if config.riskpo_chunk_size is not None:
+        _count(config, "riskpo_chunk_size", "None or ")
     if config.riskpo_impl not in backends.choices(backends.POLICY):
         _fail("riskpo_impl", f"must be one of {', '.join(backends.choices(backends.POLICY))}, "
                              f"got {config.riskpo_impl!r}")
@@ -257,9 +276,6 @@ def check_riskpo_options(config: RiskPOConfig) -> None:
         _fail("scale_rewards", f"advantage='grpo' reproduces scale_rewards 'group' or 'none', "
                                f"got {config.scale_rewards!r}")
     prompts = config.generation_batch_size // config.num_generations
-    if config.partial_bundle not in PARTIAL_BUNDLE:
-        _fail("partial_bundle", f"must be one of {', '.join(PARTIAL_BUNDLE)}, "
-                                f"got {config.partial_bundle!r}")
     if config.advantage == "riskpo" and prompts % size and config.partial_bundle != "allow":
         message = (f"the generation batch holds {prompts} prompts (generation_batch_size "
                    f"{config.generation_batch_size} / num_generations {config.num_generations}), "
@@ -379,6 +395,22 @@ def add_riskpo_head(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def restore_tracker(tracker: rk.QuantileTracker, checkpoint) -> None:
+    """Loads ``<checkpoint>/riskpo_tracker.pt`` into ``tracker``; warns, and
+    leaves it fresh, when the folder holds none. A file that cannot be read
+    (empty, truncated, corrupted, not a tracker state) is a ``ValueError``
+    naming it and what to do (``QuantileTracker.load_file``)."""
+    path = os.path.join(os.fspath(checkpoint), TRACKER_FILE)
+    if not os.path.exists(path):
+        warnings.warn(f"{checkpoint} holds no {TRACKER_FILE}: the quantile tracker restarts",
+                      stacklevel=3)
+        return
+    try:
+        tracker.load_file(path)
+    except ValueError as error:
+        raise ValueError(f"RiskPOTrainer: resuming from {checkpoint}: {error}") from None
+
+
 class RiskPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with RiskPO's Mixed-VaR advantages, its quantile
     tracker (saved with each checkpoint as ``riskpo_tracker.pt`` and restored on
@@ -446,16 +478,39 @@ class RiskPOTrainer(GRPOTrainer):
 
     def riskpo_advantages(self, rewards_per_func: torch.Tensor,
                           mode: str = "train") -> torch.Tensor:
-        """Advantages (N,) of the gathered rewards ``rewards_per_func`` (N, F),
-        N = P * n prompt-major; in training, updates the tracker afterwards."""
+        """Advantages (N,) of the gathered rewards ``rewards_per_func``.
+
+        rewards_per_func: (N, F) float, N = P * n completions prompt-major, one
+            column per reward function (TRL's ``_calculate_rewards``; NaN where
+            a function returned None). 2-D only, also for one function
+            (``rewards[:, None]``): a 1-D tensor is refused, since it could be
+            one function's rewards or one completion's. F must equal the
+            number of ``reward_weights``.
+        mode: ``"train"`` (n = ``num_generations``; updates the tracker
+            afterwards) or ``"eval"`` (``num_generations_eval``).
+
+        The options it reads are checked again here (``check_advantage_options``):
+        one set on ``args`` after construction skips the config's checks.
+        """
         args = self.args
+        v.check_choice("mode", mode, ("train", "eval"), op="RiskPOTrainer.riskpo_advantages")
+        check_advantage_options(args)
+        v.check_tensor("rewards_per_func", rewards_per_func, dtypes="float",
+                       op="RiskPOTrainer.riskpo_advantages")
+        weights = self.reward_weights
+        if rewards_per_func.dim() != 2 or rewards_per_func.shape[1] != weights.numel():
+            raise ValueError(f"RiskPOTrainer.riskpo_advantages: rewards_per_func must be (N, F) = "
+                             f"(completions, {weights.numel()} reward functions), got shape "
+                             f"{tuple(rewards_per_func.shape)}"
+                             + ("; for a single reward function pass rewards[:, None]"
+                                if rewards_per_func.dim() == 1 else ""))
         n = self.num_generations if mode == "train" else self.num_generations_eval
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
         if bool(unscorable.any()):
             rows = unscorable.nonzero().flatten()[:5].tolist()
             raise ValueError(f"every reward function returned None for completions {rows} (of the "
                              "gathered batch): RiskPOTrainer needs a reward for every completion")
-        weights = self.reward_weights.to(rewards_per_func.device)
+        weights = weights.to(rewards_per_func.device)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         if rewards.numel() % n:
             raise ValueError(f"{rewards.numel()} gathered rewards are not whole groups of "
@@ -468,6 +523,10 @@ class RiskPOTrainer(GRPOTrainer):
             raise ValueError(f"RiskPOConfig.bundle_size: the batch holds {prompts} prompts, not a "
                              f"multiple of bundle_size {args.bundle_size}, and partial_bundle is "
                              "'error'")
+        if self.tracker is None:
+            raise ValueError("RiskPOConfig.advantage: set to 'riskpo' after the trainer was built "
+                             "with advantage='grpo' (no quantile tracker); build the trainer with "
+                             "the config it trains with")
         tracker = self.tracker.to(rewards.device)
         result = rk.mvar_advantages(
             rewards, group_size=n, bundle_size=args.bundle_size, alpha=args.riskpo_alpha,
@@ -502,12 +561,7 @@ class RiskPOTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.tracker is None or checkpoint is None:
             return
-        path = os.path.join(checkpoint, TRACKER_FILE)
-        if os.path.exists(path):
-            self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            warnings.warn(f"{checkpoint} holds no {TRACKER_FILE}: the quantile tracker restarts",
-                          stacklevel=2)
+        restore_tracker(self.tracker, checkpoint)
 
     # ----- fused-linear loss ------------------------------------------------
 

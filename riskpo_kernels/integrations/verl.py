@@ -34,6 +34,7 @@ What importing this module does:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ import torch
 import riskpo_kernels as rk
 
 from .. import _validation as v
-from ..recipes import advantage_options, recipe
+from ..common import CREDITS, QUANTILE_MODES
+from ..recipes import RECIPES, advantage_options, recipe
 from ..riskpo_loss import tracked_inputs
 
 TESTED_VERL = ("0.9.1",)
@@ -58,6 +60,9 @@ ADAPTER_OPTIONS = ("recipe", "mean_baseline", "tracker_lr", "eps")
 _NOT_DENSE = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5",
               "qwen3_5_moe", "kimi_vl")
 _PREFIX = "riskpo (verl adapter)"
+# verl's response masks are int64 (from the attention mask) or float; bool works alike.
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                *v.FLOAT_DTYPES)
 
 
 def _fail(message: str):
@@ -105,7 +110,9 @@ def riskpo_options(config) -> tuple[dict, dict]:
     """The ``algorithm.riskpo`` section of ``config`` (verl's ``algorithm``
     DictConfig, an ``AlgoConfig``, a dict, or None) as (``mvar_advantages``
     keyword arguments, adapter options ``mean_baseline``, ``tracker_lr``).
-    Unknown keys are refused by name."""
+    Unknown keys, and values the estimator would refuse (``tracker_lr=0``, a
+    NaN ``alpha``, a list as ``recipe``), raise ``ValueError`` naming the key
+    (``algorithm.riskpo.tracker_lr``)."""
     section = None if config is None else config.get("riskpo", None)
     if section is None:
         section = {}
@@ -116,6 +123,8 @@ def riskpo_options(config) -> tuple[dict, dict]:
     if not isinstance(section, dict):
         _fail(f"algorithm.riskpo must be a mapping of options, got {type(section).__name__}")
     name = section.get("recipe", "math")
+    if not isinstance(name, str):  # a list or a number: not a name to look up
+        _fail(f"algorithm.riskpo.recipe: recipe must be one of {sorted(RECIPES)}, got {name!r}")
     try:
         table = recipe(name)
     except ValueError as error:
@@ -126,15 +135,45 @@ def riskpo_options(config) -> tuple[dict, dict]:
         _fail(f"unknown key(s) {', '.join(f'algorithm.riskpo.{k}' for k in unknown)}; "
               f"the keys are {', '.join(allowed)}")
     training = table["training"]
-    adapter = {"mean_baseline": v.check_bool("algorithm.riskpo.mean_baseline",
-                                             section.get("mean_baseline", False)),
-               "tracker_lr": v.check_float("algorithm.riskpo.tracker_lr",
-                                           section.get("tracker_lr", training["tracker_lr"]))}
+    tracker_lr = _key("tracker_lr", v.check_float, section.get("tracker_lr",
+                                                               training["tracker_lr"]))
+    if tracker_lr <= 0:
+        _fail(f"algorithm.riskpo.tracker_lr must be > 0, got {tracker_lr}")
+    adapter = {"mean_baseline": _key("mean_baseline", v.check_bool,
+                                     section.get("mean_baseline", False)),
+               "tracker_lr": tracker_lr}
     advantage = advantage_options(name, **{k: val for k, val in section.items()
                                            if k not in ADAPTER_OPTIONS})
     if "eps" in section:
         advantage["eps"] = section["eps"]
-    return advantage, adapter
+    return _checked_advantage_options(advantage), adapter
+
+
+def _key(name: str, check, value, *args):
+    """``check`` (a _validation function) with the error naming the config key."""
+    return check(f"algorithm.riskpo.{name}", value, *args, op=_PREFIX)
+
+
+def _checked_advantage_options(options: dict) -> dict:
+    """The ``mvar_advantages`` options of the section, each checked here so
+    that an error names its key (``algorithm.riskpo.alpha``), not the
+    function's argument."""
+    out = dict(options)
+    out["bundle_size"] = _key("bundle_size", v.check_int, options["bundle_size"], 1)
+    for name in ("alpha", "beta"):
+        out[name] = _key(name, v.check_float, options[name])
+    if not 0 < out["alpha"] < out["beta"] < 1:
+        _fail(f"need 0 < algorithm.riskpo.alpha < algorithm.riskpo.beta < 1, got alpha="
+              f"{out['alpha']}, beta={out['beta']}")
+    for name in ("w_low", "w_high", "eps"):
+        if name in options:
+            out[name] = _key(name, v.check_float, options[name], 0.0)
+    out["credit"] = _key("credit", v.check_choice, options["credit"], CREDITS)
+    out["quantile_mode"] = _key("quantile_mode", v.check_choice, options["quantile_mode"],
+                                QUANTILE_MODES)
+    for name in ("normalize_std", "natural_baseline"):
+        out[name] = _key(name, v.check_bool, options[name])
+    return out
 
 
 # ---------------------------------------------------------------- tracker state
@@ -177,10 +216,23 @@ def _tracker(lr: float) -> rk.QuantileTracker:
 # ---------------------------------------------------------------- advantages
 
 
+def _uid(uid):
+    """A uid as a value: a 0-d tensor in a list hashes by identity, as a tensor's elements do."""
+    if isinstance(uid, torch.Tensor):
+        if uid.dim() != 0 or uid.dtype.is_floating_point or uid.dtype.is_complex:
+            _fail(f"index holds a tensor uid of shape {tuple(uid.shape)} and dtype {uid.dtype}; "
+                  "uids are integers or strings")
+        return uid.item()
+    return uid
+
+
 def prompt_major_order(index, response_mask: torch.Tensor):
     """Groups the rows of a (possibly reordered) verl batch by prompt.
 
-    index: (bs,) prompt uids (verl's ``non_tensor_batch["uid"]``);
+    index: (bs,) prompt uids (verl's ``non_tensor_batch["uid"]``): a list, a
+    1-D NumPy array or a 1-D tensor; array and tensor elements are compared as
+    Python values (``.tolist()``), so equal ids group (a tensor's elements
+    would otherwise hash by identity, every row a prompt of its own);
     response_mask: (bs, T). Prompts are numbered in order of first appearance
     and rows keep their relative order within a prompt. Prompts none of whose
     rows has a response token (verl v1's synthetic padding rows share one such
@@ -193,6 +245,19 @@ def prompt_major_order(index, response_mask: torch.Tensor):
     if index is None:
         _fail("index is None: RiskPO groups responses by prompt uid; verl passes "
               "non_tensor_batch['uid'] as index (compute_advantage does when the batch has 'uid')")
+    if isinstance(index, (torch.Tensor, np.ndarray)):
+        if index.ndim != 1:
+            _fail(f"index must be a 1-D sequence of prompt uids, got a "
+                  f"{type(index).__name__} of shape {tuple(index.shape)}")
+        if isinstance(index, torch.Tensor):
+            v.check_tensor("index", index, op=_PREFIX)  # freed storage, meta, sparse
+        inexact = (index.dtype.is_floating_point or index.dtype.is_complex
+                   if isinstance(index, torch.Tensor) else np.issubdtype(index.dtype, np.inexact))
+        if inexact:  # float ids would group 1.0 with 1, and never NaN with NaN
+            _fail(f"index must hold integer or string prompt uids, got dtype {index.dtype}")
+        index = index.tolist()
+    elif isinstance(index, (str, bytes)):
+        _fail(f"index must be a sequence of prompt uids, got a {type(index).__name__}")
     try:
         n_index = len(index)
     except TypeError:
@@ -201,8 +266,8 @@ def prompt_major_order(index, response_mask: torch.Tensor):
         _fail(f"index has {n_index} uids but the batch has {bs} rows")
     ids: dict = {}
     try:
-        group = np.fromiter((ids.setdefault(uid, len(ids)) for uid in index), dtype=np.int64,
-                            count=bs)
+        group = np.fromiter((ids.setdefault(_uid(uid), len(ids)) for uid in index),
+                            dtype=np.int64, count=bs)
     except TypeError as error:
         _fail(f"index holds an unhashable uid: {error}")
     has_tokens = (response_mask != 0).any(1).cpu().numpy()
@@ -230,14 +295,18 @@ def compute_riskpo_outcome_advantage(token_level_rewards: torch.Tensor,
                                      **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """verl advantage estimator ``riskpo`` (RISKPO_SPEC.md sections 2-6).
 
-    token_level_rewards, response_mask: (bs, T); the reward of a response is
-    ``token_level_rewards.sum(-1)``. index: (bs,) prompt uids, in any order
+    token_level_rewards: (bs, T) float; the reward of a response is
+    ``token_level_rewards.sum(-1)``. response_mask: (bs, T), bool, integer
+    or float, values >= 0 (1 at response tokens). index: (bs,) prompt uids
+    (a list, a NumPy array or a 1-D integer tensor: elements compare as
+    Python values), in any order
     (verl reorders the batch before this call): rows are grouped by uid,
     prompts bundled in order of first appearance, the j-th rows of each
     prompt form paper j. The last bundle holds fewer prompts when bundle_size
     does not divide the number of prompts (spec section 2). config: verl's
     ``algorithm`` config; options under ``algorithm.riskpo`` (see
-    :func:`riskpo_options`). Other keyword arguments verl passes
+    :func:`riskpo_options`; a bad value raises ``ValueError`` naming its key,
+    ``algorithm.riskpo.<name>``). Other keyword arguments verl passes
     (``reward_baselines``) are not used.
 
     The quantile tracker of this process supplies q_lo/q_hi (quantile_mode
@@ -247,10 +316,17 @@ def compute_riskpo_outcome_advantage(token_level_rewards: torch.Tensor,
     Returns (advantages, returns): both (bs, T) float32, ``A[:, None] * mask``.
     """
     v.check_tensor("token_level_rewards", token_level_rewards, dtypes="float", op=_PREFIX)
-    v.check_tensor("response_mask", response_mask, op=_PREFIX)
+    v.check_tensor("response_mask", response_mask, dtypes=_MASK_DTYPES, op=_PREFIX)
     if token_level_rewards.dim() != 2 or response_mask.shape != token_level_rewards.shape:
         _fail(f"token_level_rewards and response_mask must both be (bs, T), got "
               f"{tuple(token_level_rewards.shape)} and {tuple(response_mask.shape)}")
+    if response_mask.device.type == "cpu" and response_mask.numel() and \
+            response_mask.dtype != torch.bool:
+        # A weight below 0 would flip its row's advantage; NaN would reach every gradient.
+        low, high = (float(x) for x in torch.aminmax(response_mask))
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+            _fail(f"response_mask must hold finite values >= 0 (1 for a response token), got "
+                  f"values in [{low}, {high}]")
     advantage, adapter = riskpo_options(config)
     rows, P, n = prompt_major_order(index, response_mask)
     device = token_level_rewards.device
@@ -313,7 +389,11 @@ class TrackerCheckpointCallback(_checkpoint_callback.CheckpointCallback):
     """``trainer.checkpoint_callback_class`` for RiskPO: writes the quantile
     tracker to ``<checkpoint_dir>/riskpo_tracker.pt`` after every save, and on
     construction (the v1 trainer builds it before it loads a checkpoint)
-    restores the tracker saved in the folder the trainer will resume from."""
+    restores the tracker saved in the folder the trainer will resume from.
+    A folder without the file resumes with a fresh tracker (and a warning); a
+    file that is empty, truncated or corrupted raises ``ValueError`` naming
+    it (``QuantileTracker.load_file``): delete it to resume with a fresh
+    tracker, or put back a good copy."""
 
     def __init__(self, config=None):
         super().__init__(config=config)
@@ -326,12 +406,11 @@ class TrackerCheckpointCallback(_checkpoint_callback.CheckpointCallback):
             warnings.warn(f"{_PREFIX}: resuming from {folder}, which holds no {TRACKER_FILE}: "
                           "the quantile tracker starts afresh", stacklevel=2)
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
         tracker = rk.QuantileTracker()
         try:
-            tracker.load_state_dict(state)
+            tracker.load_file(path)  # names the file, and what to do about it
         except ValueError as error:
-            raise ValueError(f"{_PREFIX}: {path}: {error}") from None
+            raise ValueError(f"{_PREFIX}: {error}") from None
         _STATE.tracker = tracker
 
     def on_save(self, trainer, global_step: int, checkpoint_dir: str, async_save: bool = False,

@@ -4,6 +4,7 @@ of the bundle-score quantiles across training steps."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -138,3 +139,48 @@ class QuantileTracker:
         self.lr, self.levels, self._device_levels = restored.lr, restored.levels, {}
         self.values = None if values is None else values.detach().clone()
         self.steps = steps
+
+    def load_file(self, path) -> None:
+        """Restores the :meth:`state_dict` saved at ``path`` (``torch.save``),
+        read with ``weights_only=True`` (no code runs). Any failure, an empty,
+        truncated or corrupted file, one that holds something other than a
+        tracker state, or a state :meth:`load_state_dict` rejects, is a
+        ``ValueError`` naming ``path`` and the way out (``FileNotFoundError``
+        when there is no file); the tracker is then left as it was."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no quantile tracker state file there")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: a directory, not a quantile tracker state file; "
+                             f"{_WAY_OUT}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - zip, pickle and EOF errors alike
+            raise ValueError(
+                f"{path}: not a readable quantile tracker state (empty, truncated or corrupted: "
+                f"{_brief(error)}); {_WAY_OUT}") from None
+        try:
+            self.load_state_dict(state)
+        except ValueError as error:
+            raise ValueError(f"{path}: not a valid quantile tracker state ({error}); "
+                             f"{_WAY_OUT}") from None
+
+
+# What to do about a tracker file that cannot be read (the adapters restart the
+# tracker, with a warning, when the file is absent).
+_WAY_OUT = ("delete the file to start the quantile tracker afresh, or replace it with a good "
+            "copy saved by QuantileTracker.state_dict()")
+
+
+def _brief(error: BaseException) -> str:
+    """An exception on one line; for a refused weights-only load only what was
+    refused, not torch's advice to load with weights_only=False (which would
+    run whatever code the file holds)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    refused = text.find("WeightsUnpickler error:")
+    if refused >= 0:
+        text = ("it holds objects other than tensors and plain data: "
+                + text[refused + len("WeightsUnpickler error:"):].split(". ")[0]
+                .split(" Check the documentation")[0].strip())
+    text = f"{type(error).__name__}: {text}" if text else f"{type(error).__name__} (no message)"
+    return text if len(text) <= 300 else text[:300] + "..."
