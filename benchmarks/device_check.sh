@@ -233,22 +233,27 @@ fi
 # ---- benchmarks and training smoke runs -----------------------------------------------
 if [ -z "$QUICK" ]; then
   : >"$OUT/bench.log"
-  # bench NAME CSV ARGS...: one benchmark, its output appended to bench.log.
+  # bench NAME CSV ARGS...: one benchmark, its output appended to bench.log
+  # (CSV -: no CSV file, its table in bench.log only: $OUT holds 8 files at most).
   bench() {
     local name=$1 csv=$2 t=$SECONDS rc; shift 2
     step "$name"
     enough "$name" 20 || return 0
     echo "##### $name: $* ($(now))" >>"$OUT/bench.log"
-    timeout -k 10 "$(limit "$BENCH_TIMEOUT")" $PY "$@" --csv "$OUT/$csv" 2>&1 | tee -a "$OUT/bench.log"
+    [ "$csv" = - ] || set -- "$@" --csv "$OUT/$csv"
+    timeout -k 10 "$(limit "$BENCH_TIMEOUT")" $PY "$@" 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     record "$name" "$(result $rc)" $((SECONDS - t))
   }
   if [ "$MODE" = gpu ]; then
     bench "advantage benchmark" advantages_cuda.csv benchmarks/bench_advantages.py --device cuda
     bench "policy-loss benchmark" policy_loss_cuda.csv benchmarks/bench_policy_loss.py --device cuda --rounds 3
+    # Candidate (issue 18): a chunk's per-row PPO math in one Triton kernel vs the torch ops.
+    bench "token-loss kernel benchmark" - benchmarks/bench_token_loss.py --device cuda
   else
     bench "advantage benchmark" advantages_cpu.csv benchmarks/bench_advantages.py --quick
     bench "policy-loss benchmark" policy_loss_cpu.csv benchmarks/bench_policy_loss.py --quick
+    bench "token-loss kernel benchmark" - benchmarks/bench_token_loss.py --cpu --rows 64
   fi
 
   step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm, and FSDP in bf16)"
