@@ -18,6 +18,25 @@ from .. import _validation as v
 from .. import backends, ops
 from .token_loss import token_loss_and_grads
 
+# The per-row PPO math of a chunk, per device type: True runs token_loss_triton's
+# one Triton kernel instead of token_loss_and_grads's 53-66 aten ops (the
+# closed form stays defined once, in token_loss; tests/test_token_loss_triton.py
+# holds the kernel to it). A table entry that benchmarks/bench_token_loss.py's
+# measurement on the card decides.
+ROW_MATH_TRITON = {"cuda": True}
+
+
+def _row_math(device: torch.device):
+    """token_loss_and_grads, or its Triton kernel where ROW_MATH_TRITON says so
+    and triton imports."""
+    if ROW_MATH_TRITON.get(device.type, False):
+        try:
+            from .token_loss_triton import token_loss_and_grads_triton
+        except ImportError:  # no triton: the torch ops
+            return token_loss_and_grads
+        return token_loss_and_grads_triton
+    return token_loss_and_grads
+
 
 def default_chunk_size(num_rows: int, vocab: int, device: torch.device,
                        element_size: int = 4) -> int:
@@ -238,10 +257,11 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
     logprobs = hidden.new_empty((N,), dtype=acc)
     entropy = hidden.new_empty((N,), dtype=acc)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
+    row_math = _row_math(hidden.device)
     for start, end in chunks.ranges():
         logits = chunks.logits(start, end)
         lp, ent, lse = chunks.vocab_forward(logits, tokens[start:end], temperature)
-        part, grad_lp, grad_ent = token_loss_and_grads(
+        part, grad_lp, grad_ent = row_math(
             lp, ent, weights[start:end], advantages[start:end],
             None if old_logprobs is None else old_logprobs[start:end],
             None if ref_logprobs is None else ref_logprobs[start:end],
