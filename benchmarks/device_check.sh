@@ -241,19 +241,26 @@ if [ -z "$QUICK" ]; then
     enough "$name" 20 || return 0
     echo "##### $name: $* ($(now))" >>"$OUT/bench.log"
     [ "$csv" = - ] || set -- "$@" --csv "$OUT/$csv"
-    timeout -k 10 "$(limit "$BENCH_TIMEOUT")" $PY "$@" 2>&1 | tee -a "$OUT/bench.log"
+    timeout -k 10 "$(limit "${BENCH_LIMIT:-$BENCH_TIMEOUT}")" $PY "$@" 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     record "$name" "$(result $rc)" $((SECONDS - t))
   }
   if [ "$MODE" = gpu ]; then
     bench "advantage benchmark" advantages_cuda.csv benchmarks/bench_advantages.py --device cuda
-    bench "policy-loss benchmark" policy_loss_cuda.csv benchmarks/bench_policy_loss.py --device cuda --rounds 3
+    # Dense and realistic batches (~40% padding, ~5% clipped), with the folded
+    # kernel as a method: the CSV holds what backends.FUSED_LINEAR_AUTO is set from.
+    # Two batches: twice the default limit (BENCH_LIMIT is read by bench()).
+    BENCH_LIMIT=$((2 * BENCH_TIMEOUT)) bench "policy-loss benchmark" policy_loss_cuda.csv \
+      benchmarks/bench_policy_loss.py --device cuda --rounds 3 --batch both
     # Candidate (issue 18): a chunk's per-row PPO math in one Triton kernel vs the torch ops.
     bench "token-loss kernel benchmark" - benchmarks/bench_token_loss.py --device cuda
+    # Candidate (issue 18): the folded kernels' configurations against the chunked path.
+    bench "folded kernel benchmark" - benchmarks/bench_folded.py
   else
     bench "advantage benchmark" advantages_cpu.csv benchmarks/bench_advantages.py --quick
     bench "policy-loss benchmark" policy_loss_cpu.csv benchmarks/bench_policy_loss.py --quick
     bench "token-loss kernel benchmark" - benchmarks/bench_token_loss.py --cpu --rows 64
+    bench "folded kernel benchmark" - benchmarks/bench_folded.py --cpu
   fi
 
   step "training smoke test (riskpo_train: warm-up, 3 RL steps of each algorithm, and FSDP in bf16)"

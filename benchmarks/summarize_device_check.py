@@ -31,7 +31,12 @@ ADVANTAGE_COLUMNS = [  # (op, impl, short name)
 ]
 POLICY_SHORT = {"plain GRPO loss": "plain", "riskpo logits": "rk-logits",
                 "riskpo fused-linear": "rk-fused", "liger fused-linear": "lg-fused",
-                "liger triton grpo": "lg-grpo", "three matmuls": "matmuls"}
+                "liger triton grpo": "lg-grpo", "three matmuls": "matmuls",
+                "riskpo fused-linear folded": "rk-folded",
+                "three matmuls (valid rows)": "mm-valid"}
+# The fused-linear implementations whose measured medians set
+# backends.FUSED_LINEAR_AUTO on CUDA, by the name bench_policy_loss.py prints.
+FUSED_CANDIDATES = {"riskpo fused-linear": "triton", "riskpo fused-linear folded": "triton-folded"}
 
 
 def clip(text: str, width: int = WIDTH) -> str:
@@ -185,12 +190,35 @@ def policy_lines(lines: list[str]) -> list[str]:
         methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
         values: dict[str, dict] = {}
         for r in rows:
-            values.setdefault(r.get("tokens x H x V", "?"), {})[r.get("method")] = r.get("median ms", "")
+            batch = r.get("batch (valid, zero-grad)", "").split(" ")[0]
+            key = r.get("tokens x H x V", "?") + (f" {batch}" if batch else "")
+            if r.get("load", "quiet") == "quiet":
+                values.setdefault(key, {})[r.get("method")] = r.get("median ms", "")
         out.append("policy loss fwd+bwd, median ms".ljust(32)
                    + "".join(f"{POLICY_SHORT.get(m, m[:10]):>10}" for m in methods))
         for size, v in values.items():
             out.append(f"  {size}".ljust(32) + "".join(f"{v.get(m, '-'):>10}" for m in methods))
+        out += fused_default_lines(values)
     return out
+
+
+def fused_default_lines(values: dict) -> list[str]:
+    """The fused-linear default this run's medians pick: the candidate fastest
+    at the most (size, batch) pairs where all candidates ran."""
+    wins: dict[str, int] = {}
+    compared = 0
+    for v in values.values():
+        times = {impl: float(v[m]) for m, impl in FUSED_CANDIDATES.items()
+                 if m in v and v[m] not in ("", "-", "nan")}
+        if len(times) == len(FUSED_CANDIDATES):
+            compared += 1
+            best = min(times, key=times.get)
+            wins[best] = wins.get(best, 0) + 1
+    if not compared:
+        return []
+    choice = max(wins, key=wins.get)
+    return [clip(f"fused-linear default from these medians: backends.FUSED_LINEAR_AUTO['cuda'] = "
+                 f"{choice!r} (fastest at {wins[choice]} of {compared} size x batch pairs)")]
 
 
 def main(argv=None) -> int:
@@ -235,8 +263,8 @@ def main(argv=None) -> int:
             body = advantage_lines(lines)
         elif "policy" in name:
             body = policy_lines(lines)
-        else:
-            body = []
+        else:  # the candidates' own benchmarks: their result lines
+            body = [clip(line) for line in lines if line[:1].isdigit() or line.startswith("note:")]
         if body:
             print("\n".join(body))
     return 0

@@ -48,6 +48,9 @@ class Backend:
     mvar_advantages: Callable | None = None
     grpo_advantages: Callable | None = None
     vocab: VocabOps | None = None          # None: the policy loss materialises log_softmax
+    # The whole fused-linear policy loss in its own kernels (fused_linear.py's
+    # forward contract), or None: the chunk loop runs this backend's vocab ops.
+    fused_linear: Callable | None = None
 
     def serves(self, family: str) -> bool:
         return self.mvar_advantages is not None if family == RISK_CORE else (
@@ -74,6 +77,13 @@ def _without_triton() -> str | None:
     return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
 
+def _folded_fused_linear(*args):
+    # Imported at call time: importing riskpo_kernels must not import triton.
+    from .policy.folded_triton import folded_fused_linear_policy_loss_forward
+
+    return folded_fused_linear_policy_loss_forward(*args)
+
+
 def _compiled_op(name):
     # Looked up at call time: the dispatcher picks the CPU or CUDA kernel.
     return lambda *args: getattr(torch.ops.riskpo, name)(*args)
@@ -95,6 +105,12 @@ BACKENDS = {b.name: b for b in (
     Backend("triton", ("cuda", "cpu"), _without_triton,
             vocab=VocabOps("token_logprob_entropy_triton", "token_logprob_entropy_triton_backward",
                            "token_logprob_entropy_triton_backward_")),
+    # policy/folded_triton.py: fused_linear_policy_loss with the vocabulary work in
+    # the lm_head GEMMs' epilogue and prologue (float64 and every other op: "triton").
+    Backend("triton-folded", ("cuda", "cpu"), _without_triton,
+            vocab=VocabOps("token_logprob_entropy_triton", "token_logprob_entropy_triton_backward",
+                           "token_logprob_entropy_triton_backward_"),
+            fused_linear=_folded_fused_linear),
 )}
 
 # impl="auto": the first of these that can run, per family and device type.
@@ -104,6 +120,10 @@ AUTO = {
     (POLICY, "cpu"): ("cpp", "reference"),
     (POLICY, "cuda"): ("triton", "reference"),
 }
+# impl="auto" for fused_linear_policy_loss, per device type, where it differs
+# from AUTO: a table entry that the device check's measurement decides
+# (benchmarks/device_check.sh times "triton" and "triton-folded" side by side).
+FUSED_LINEAR_AUTO = {"cuda": "triton"}
 _warned: set = set()
 
 

@@ -15,8 +15,9 @@ from riskpo_kernels import backends
 
 def test_the_choices_of_each_family_come_from_the_registry():
     assert backends.choices(backends.RISK_CORE) == ("auto", "reference", "cpp", "cuda")
-    assert backends.choices(backends.POLICY) == ("auto", "reference", "cpp", "triton")
-    assert backends.vocab_backends() == ("cpp", "triton")
+    assert backends.choices(backends.POLICY) == ("auto", "reference", "cpp", "triton",
+                                                 "triton-folded")
+    assert backends.vocab_backends() == ("cpp", "triton", "triton-folded")
     with pytest.raises(ValueError, match="impl must be one of 'auto', 'reference', 'cpp', 'triton'"):
         rk.policy_loss(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
                        torch.ones(1), impl="cuda")
@@ -63,7 +64,7 @@ def test_auto_falls_back_to_the_reference_and_says_so_once(monkeypatch):
 
 
 def test_the_fused_ops_refuse_an_unknown_vocabulary_backend(cpp_available):
-    with pytest.raises(ValueError, match="vocab_impl must be one of 'cpp', 'triton'; got 'cuda'"):
+    with pytest.raises(ValueError, match="vocab_impl must be one of 'cpp', 'triton', 'triton-folded'; got 'cuda'"):
         torch.ops.riskpo.fused_linear_logprob_entropy(torch.randn(3, 4), torch.randn(5, 4), None,
                                                       torch.zeros(3, dtype=torch.long), 1.0, 2,
                                                       "cuda")

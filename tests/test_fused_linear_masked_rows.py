@@ -180,9 +180,9 @@ def test_zero_gradient_rows_skip_the_products_with_the_same_result(dtype, monkey
     calls = []
     pick = fused_linear._rows_worth_skipping
 
-    def spy(*a):
-        kept = pick(*a)
-        calls.append(None if kept is None else (a[0].shape[0], kept.numel()))
+    def spy(live):
+        kept = pick(live)
+        calls.append(None if kept is None else (live.shape[0], kept.numel()))
         return kept
 
     monkeypatch.setattr(fused_linear, "_rows_worth_skipping", spy)
@@ -286,3 +286,30 @@ def test_double_backward_through_the_reference_is_autograd():
     x = hidden.clone().requires_grad_()
     torch.testing.assert_close(_double_backward(ours, x), _double_backward(plain, x),
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_raw_op_weight_zero_rows_with_nan_hidden_leave_the_gradients_finite(dtype, monkeypatch):
+    """A trainer calling torch.ops.riskpo.fused_linear_policy_loss itself may leave
+    padding rows (weight 0) in, NaN included: too few of them to be skipped, they
+    must still give the gradients nothing."""
+    monkeypatch.setattr(fused_linear, "ZERO_ROW_SKIP_MIN_FRACTION", 2.0)
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 20, 8, 30
+    hidden = torch.randn(N, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype)
+    bias = torch.randn(V, generator=g, dtype=dtype)
+    tokens = torch.randint(0, V, (N,), generator=g)
+    weights = torch.full((N,), 1.0 / N, dtype=dtype)
+    weights[[3, 7]] = 0
+    advantages = torch.randn(N, generator=g, dtype=dtype)
+    clean = hidden.clone()
+    clean[[3, 7]] = 0
+    hidden[[3, 7]] = float("nan")
+    args = (weight, bias, tokens, weights, advantages, None, None, 0.2, 0.2, 3.0, 0.0, 0.0, 1.0, 8,
+            "cpp")
+    got = torch.ops.riskpo.fused_linear_policy_loss(hidden, *args)
+    want = torch.ops.riskpo.fused_linear_policy_loss(clean, *args)
+    for index in (0, 3, 4, 5):  # loss, grad_hidden, grad_weight, grad_bias
+        assert torch.isfinite(got[index]).all(), index
+        torch.testing.assert_close(got[index], want[index], **TOL[dtype])

@@ -189,6 +189,15 @@ def _check_linear(hidden, weight, bias) -> tuple[int, int, int, int]:
     return B, T, H, V
 
 
+def _fused_linear_auto(backend, device):
+    """impl="auto" of the fused loss: backends.FUSED_LINEAR_AUTO's entry for the
+    device type where it can run, else the family's auto choice."""
+    name = backends.FUSED_LINEAR_AUTO.get(device.type)
+    if name is not None and backend.vocab is not None and backends.BACKENDS[name].unavailable() is None:
+        return backends.BACKENDS[name]
+    return backend
+
+
 class _ActiveRows:
     """Which rows the fused ops compute: those with ``active`` True (a non-zero
     mask, or a non-zero aggregation weight). Masked rows never enter a product
@@ -266,6 +275,8 @@ def fused_linear_policy_loss(hidden, weight, tokens, mask, advantages, *, bias=N
                             ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef,
                             entropy_coef, temperature, agg, loss_scale_factor)
     backend = _resolve(impl, hidden.device)
+    if impl == "auto":
+        backend = _fused_linear_auto(backend, hidden.device)
     N = B * T
     if backend.vocab is None:
         # The oracle of the contract above: masked rows' hidden states zeroed

@@ -140,13 +140,13 @@ def _float32_output_gemm(device: torch.device) -> bool:
 ZERO_ROW_SKIP_MIN_FRACTION = 0.125
 
 
-def _rows_worth_skipping(grad_logprobs, grad_entropy):
-    """Indices (M,) of the chunk's rows with a non-zero upstream gradient, or
-    None to run every row: too few zero rows, or no host sync allowed (the
-    count is read on the host; inside a CUDA graph capture it cannot be)."""
-    if grad_logprobs.is_cuda and torch.cuda.is_current_stream_capturing():
+def _rows_worth_skipping(live):
+    """Indices (M,) of the chunk's rows with a non-zero upstream gradient
+    (``live``: (rows,) bool), or None to run every row: too few zero rows, or
+    no host sync allowed (the count is read on the host; inside a CUDA graph
+    capture it cannot be)."""
+    if live.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    live = (grad_logprobs != 0) | (grad_entropy != 0)
     rows = live.shape[0]
     kept = int(live.sum())  # a host sync on CUDA, once per chunk
     if rows - kept < max(1, ZERO_ROW_SKIP_MIN_FRACTION * rows):
@@ -199,7 +199,8 @@ class _Chunks:
         the chunk, the kept rows are gathered and the zero ones skip both
         products."""
         h = self.hidden[start:end]
-        kept = _rows_worth_skipping(grad_logprobs, grad_entropy)
+        live = (grad_logprobs != 0) | (grad_entropy != 0)
+        kept = _rows_worth_skipping(live)
         if kept is not None:
             self.grad_hidden[start:end] = 0
             if kept.numel() == 0:
@@ -214,6 +215,9 @@ class _Chunks:
         # unwritten (seen with torch 2.13), and the (chunk, H) temporary is small.
         if kept is None:
             self.grad_hidden[start:end] = grad_logits @ self.weight
+            # A zero row of d logits times a NaN hidden row (padding a raw-op
+            # caller left in) would still be NaN in d weight: zero those rows.
+            h = torch.where(live[:, None], h, 0)
         else:
             self.grad_hidden[start:end].index_copy_(0, kept, grad_logits @ self.weight)
         first, self._first = self._first, False
@@ -252,6 +256,11 @@ def fused_linear_policy_loss_forward(hidden, weight, bias, tokens, weights, adva
                      ref_logprobs=ref_logprobs), optional=("old_logprobs", "ref_logprobs"))
     clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature = v.check_loss_scalars(
         clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef, temperature, op=op)
+    whole_op = backends.BACKENDS[vocab_impl].fused_linear
+    if whole_op is not None and hidden.dtype != torch.float64:
+        return whole_op(hidden, weight, bias, tokens, weights, advantages, old_logprobs,
+                        ref_logprobs, clip_low, clip_high, clip_ratio_c, kl_coef, entropy_coef,
+                        temperature, chunk_size)
     chunks = _Chunks(hidden, weight, bias, chunk_size, vocab_impl, with_grads=True)
     N, acc = hidden.shape[0], chunks.acc
     logprobs = hidden.new_empty((N,), dtype=acc)
