@@ -43,22 +43,21 @@ def default_chunk_size(num_rows: int, vocab: int, device: torch.device,
     """Rows per chunk. The chunk's gradient overwrites its logits, so a chunk
     holds chunk * V logits of ``element_size`` bytes (the hidden states' dtype).
 
-    CPU: ~32 MiB of logits, but at least 256 rows, since thinner matmuls run
-    slowly (and each chunk adds into the (V, H) float32 accumulator). Measured
-    on the 2-core EPYC, fwd+bwd, float32, H = 256:
-      - V = 32768: 128 to 2048 rows within noise; 64 rows 13% slower.
-      - V = 151936, 1024 tokens: 55 rows 2070 ms, 110 rows 1699 ms, 220 rows
-        1553 ms; 4096 tokens: 7069, 6722, 6294 ms.
-      - V = 151936, 1024 tokens, against the three matmuls in the same run
-        (best of 6): 128 rows 1.31x, 192 rows 1.24x, 256 rows 1.19x.
-    256 rows at V = 151936 is 148 MiB of logits (peaks in benchmarks/results).
+    CPU: ~64 MiB of logits, but at least 512 rows, since thinner matmuls run
+    slowly and each chunk reads and writes the (V, H) float32 accumulator of
+    the weight's gradient once. Measured on the 2-core EPYC, fwd+bwd, float32,
+    H = 256, dense batch, best of 8 against the three matmuls in the same run:
+      - 2048 tokens, V = 32768: 256 rows 1.23x, 512 rows 1.15x, 1024 rows
+        1.12x, 2048 rows (one chunk) 1.09x.
+      - 1024 tokens, V = 151936: 256 rows 1.21x, 512 rows 1.14x.
+    512 rows at V = 151936 is 297 MiB of logits (peaks in benchmarks/results).
 
     GPU: ~1 GiB of logits, counted in their own dtype (bf16: 3534 rows at
     V = 151936). Each chunk adds its (V, H) product of the weight's gradient
     into the float32 accumulator, the overhead the first H100 run showed
     (benchmarks/NOTES.md): fewer chunks at the same bytes, fewer of those."""
-    budget = (32 << 20) if device.type == "cpu" else (1 << 30)
-    rows = max(256 if device.type == "cpu" else 16, budget // (element_size * max(vocab, 1)))
+    budget = (64 << 20) if device.type == "cpu" else (1 << 30)
+    rows = max(512 if device.type == "cpu" else 16, budget // (element_size * max(vocab, 1)))
     return int(min(max(num_rows, 1), rows))
 
 
