@@ -247,7 +247,9 @@ void logprob_entropy_cpu(const void* logits, FloatType type, int64_t rows, int64
   with_float_type(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
-      at::parallel_for(0, rows, row_grain<T>(vocab), [&](int64_t begin, int64_t end) {
+      // Tasks of half a grain (>= kMinChunkNs of work each), handed out dynamically.
+      const int64_t grain = row_grain<T>(vocab);
+      parallel_for_dynamic(0, rows, grain, grain / 2, [&](int64_t begin, int64_t end) {
         forward_rows<acc>(static_cast<const T*>(logits), vocab, row_stride, tokens,
                           static_cast<acc>(1.0 / temperature), logprobs, entropy, lse, begin, end);
       });
@@ -264,7 +266,8 @@ void logprob_entropy_backward_cpu(const acc* grad_logprobs, const acc* grad_entr
   with_float_type(type, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (std::is_same_v<T, double> == std::is_same_v<acc, double>) {
-      at::parallel_for(0, rows, row_grain<T>(vocab), [&](int64_t begin, int64_t end) {
+      const int64_t grain = row_grain<T>(vocab);
+      parallel_for_dynamic(0, rows, grain, grain / 2, [&](int64_t begin, int64_t end) {
         backward_rows<acc>(grad_logprobs, grad_entropy, static_cast<const T*>(logits), vocab,
                            row_stride, tokens, lse, entropy, static_cast<acc>(1.0 / temperature),
                            static_cast<T*>(grad_logits), begin, end);
