@@ -95,6 +95,10 @@ def plot_device(device: str, split: tuple, sizes: dict, out_dir: str, time_colum
             ax.bar(xs, ys, width, label=method if panel == 0 else None, color=colors(i % 10))
         ax.set_xticks(range(len(size_keys)))
         ax.set_xticklabels([f"{t}x{h}\nx{v}" for t, h, v in size_keys], fontsize=8)
+        if not ax.patches or all(p.get_height() <= 0 for p in ax.patches):
+            # e.g. the loaded rows, timed without the memory subprocesses
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
