@@ -7,8 +7,9 @@ A backend implements one or both op families on some devices:
 
 Every public function's ``impl=`` names a backend or ``"auto"``, and the
 fused-linear ops' ``vocab_impl`` argument names one; this file is the only
-place those names are listed. A new backend (next: a fused matmul +
-vocabulary kernel for the GPU) is one entry here and its own file.
+place those names are listed. A new backend is one entry here and its own
+file; one that implements the whole fused-linear loss itself (triton-folded)
+sets ``fused_linear``.
 """
 
 from __future__ import annotations
