@@ -219,3 +219,53 @@ def check_inplace_backward(impl, device="cpu"):
                        **kwargs).loss.backward()
         weights.append(w.grad)
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)
+
+
+# --- Triton test files: where their kernels run, and their static sm_90a compile ----------
+
+H100_SHARED_PER_BLOCK = 227 * 1024  # the opt-in maximum of one block on sm_90
+
+
+def triton_mode(kernel_module: str, what: str) -> str:
+    """'cuda', 'cpu' (the interpreter) or 'fresh-process' for the Triton kernels
+    of ``kernel_module`` (which exposes INTERPRETED); skips without triton, or on
+    a CPU-only machine with TRITON_INTERPRET unset (or 0). ``what`` names the
+    kernels in the skip reason."""
+    import importlib
+    import os
+
+    pytest.importorskip("triton", reason=f"{what} need the triton package")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a CUDA device, or TRITON_INTERPRET=1 to run the triton kernels on the CPU")
+    return "cpu" if importlib.import_module(kernel_module).INTERPRETED else "fresh-process"
+
+
+def triton_device(mode: str) -> torch.device:
+    """The device of a triton_mode; skips where the file reruns in a fresh process."""
+    if mode == "fresh-process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: "
+                    "test_in_a_fresh_process runs these tests")
+    return torch.device(mode)
+
+
+def compile_for_sm90(script: str, root: Path, what: str) -> dict:
+    """Runs ``script`` (which prints one JSON line last) in a fresh process with
+    the interpreter off; skips where this triton cannot compile for a CUDA GPU."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("triton", reason=f"compiling {what} needs triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, cwd=root, env=env)
+    last = run.stderr.strip().splitlines()[-1:] or [""]
+    if run.returncode != 0 and ("triton.backends.nvidia" in last[0]
+                                or (("ptxas" in last[0] or "cuobjdump" in last[0])
+                                    and ("not found" in last[0].lower()
+                                         or "No such file" in last[0]))):
+        pytest.skip(f"this triton install cannot compile for a CUDA GPU: {last[0]}")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -27,7 +27,8 @@ from riskpo_kernels.policy import fused_linear as fl
 from riskpo_kernels.policy.reference import logprobs_and_entropy_reference
 from riskpo_kernels.policy.token_loss import per_token_loss, weighted_sum
 
-from conftest import assert_error_budget
+from conftest import (H100_SHARED_PER_BLOCK, assert_error_budget, compile_for_sm90, triton_device,
+                      triton_mode)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,23 +41,14 @@ if torch.version.cuda is None and torch.version.hip is None:
 
 @pytest.fixture(scope="module")
 def _mode():
-    """'cuda', 'cpu' (interpreter) or 'fresh-process'; skips without triton, or
-    on a CPU-only machine with TRITON_INTERPRET unset (or 0)."""
-    pytest.importorskip("triton", reason="the folded kernels need the triton package")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a CUDA device, or TRITON_INTERPRET=1 to run the triton kernels on the CPU")
-    ft = importlib.import_module("riskpo_kernels.policy.folded_triton")
-    return "cpu" if ft.INTERPRETED else "fresh-process"
+    """'cuda', 'cpu' (interpreter) or 'fresh-process' (conftest.triton_mode)."""
+    return triton_mode("riskpo_kernels.policy.folded_triton", "the folded kernels")
 
 
 @pytest.fixture(scope="module")
 def device(_mode):
-    if _mode == "fresh-process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: "
-                    "test_in_a_fresh_process runs these tests")
-    return torch.device(_mode)
+    """CUDA where present, else the CPU under TRITON_INTERPRET=1."""
+    return triton_device(_mode)
 
 
 def test_in_a_fresh_process(_mode):
@@ -422,23 +414,9 @@ print(json.dumps(out))
 
 """
 
-H100_SHARED_PER_BLOCK = 227 * 1024  # the opt-in maximum of one block on sm_90
-
-
 @pytest.fixture(scope="module")
 def sm90():
-    pytest.importorskip("triton", reason="compiling the kernels needs triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, env=env)
-    last = run.stderr.strip().splitlines()[-1:] or [""]
-    if run.returncode != 0 and ("triton.backends.nvidia" in last[0]
-                                or (("ptxas" in last[0] or "cuobjdump" in last[0])
-                                    and ("not found" in last[0].lower()
-                                         or "No such file" in last[0]))):
-        pytest.skip(f"this triton install cannot compile for a CUDA GPU: {last[0]}")
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_for_sm90(COMPILE, ROOT, "the kernels")
 
 
 def test_sm90_compile_fits_the_h100(sm90):

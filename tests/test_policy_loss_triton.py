@@ -24,7 +24,7 @@ import torch
 from riskpo_kernels.policy import logprobs_and_entropy_reference
 
 from conftest import (assert_close_for, assert_compiled_matches_eager, check_fused_logprob_gradients,
-                      check_inplace_backward)
+                      check_inplace_backward, triton_device, triton_mode)
 
 # CI runs plain `pytest` on CPU-only machines, where the kernels can only run
 # under Triton's interpreter. triton.jit reads TRITON_INTERPRET when it
@@ -54,24 +54,14 @@ VOCABS = ((1, None), (7, None), (7, 4), (33, 16), (1000, 128), (4099, 512), (409
 
 @pytest.fixture(scope="module")
 def _mode():
-    """'cuda', 'cpu' (interpreter) or 'fresh-process'; skips without triton, or
-    on a CPU-only machine with TRITON_INTERPRET unset (or 0)."""
-    pytest.importorskip("triton", reason="the triton kernels need the triton package")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a CUDA device, or TRITON_INTERPRET=1 to run the triton kernels on the CPU")
-    tk = importlib.import_module("riskpo_kernels.policy.triton_kernels")
-    return "cpu" if tk.INTERPRETED else "fresh-process"
+    """'cuda', 'cpu' (interpreter) or 'fresh-process' (conftest.triton_mode)."""
+    return triton_mode("riskpo_kernels.policy.triton_kernels", "the triton kernels")
 
 
 @pytest.fixture(scope="module")
 def device(_mode):
     """CUDA where present, else the CPU under TRITON_INTERPRET=1."""
-    if _mode == "fresh-process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: "
-                    "test_in_a_fresh_process runs these tests")
-    return torch.device(_mode)
+    return triton_device(_mode)
 
 
 def test_in_a_fresh_process(_mode):

@@ -27,6 +27,8 @@ import torch
 
 from riskpo_kernels.policy.token_loss import per_token_loss, token_loss_and_grads
 
+from conftest import H100_SHARED_PER_BLOCK, compile_for_sm90, triton_device, triton_mode
+
 ROOT = Path(__file__).resolve().parents[1]
 
 if torch.version.cuda is None and torch.version.hip is None:
@@ -43,23 +45,14 @@ LOSS_REL = {torch.float32: 4e-6, torch.float64: 1e-13}
 
 @pytest.fixture(scope="module")
 def _mode():
-    """'cuda', 'cpu' (interpreter) or 'fresh-process'; skips without triton, or
-    on a CPU-only machine with TRITON_INTERPRET unset (or 0)."""
-    pytest.importorskip("triton", reason="the triton kernels need the triton package")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs a CUDA device, or TRITON_INTERPRET=1 to run the triton kernels on the CPU")
-    tlt = importlib.import_module("riskpo_kernels.policy.token_loss_triton")
-    return "cpu" if tlt.INTERPRETED else "fresh-process"
+    """'cuda', 'cpu' (interpreter) or 'fresh-process' (conftest.triton_mode)."""
+    return triton_mode("riskpo_kernels.policy.token_loss_triton", "the token-loss kernel")
 
 
 @pytest.fixture(scope="module")
 def device(_mode):
-    if _mode == "fresh-process":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: "
-                    "test_in_a_fresh_process runs these tests")
-    return torch.device(_mode)
+    """CUDA where present, else the CPU under TRITON_INTERPRET=1."""
+    return triton_device(_mode)
 
 
 @pytest.fixture(scope="module")
@@ -441,23 +434,9 @@ for name, (args, meta) in zip(names, calls):
 print(json.dumps(out))
 """
 
-H100_SHARED_PER_BLOCK = 227 * 1024  # the opt-in maximum of one block on sm_90
-
-
 @pytest.fixture(scope="module")
 def sm90():
-    pytest.importorskip("triton", reason="compiling the kernel needs triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, env=env)
-    last = run.stderr.strip().splitlines()[-1:] or [""]
-    if run.returncode != 0 and ("triton.backends.nvidia" in last[0]
-                                or (("ptxas" in last[0] or "cuobjdump" in last[0])
-                                    and ("not found" in last[0].lower()
-                                         or "No such file" in last[0]))):
-        pytest.skip(f"this triton install cannot compile for a CUDA GPU: {last[0]}")
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = compile_for_sm90(COMPILE, ROOT, "the kernel")
     if "no_binder" in result:
         pytest.skip(f"triton {importlib.import_module('triton').__version__} lacks the launch "
                     f"internals this binds with ({result['no_binder']}); written for triton 3.7")
