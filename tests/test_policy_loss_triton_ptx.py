@@ -11,13 +11,10 @@ kernels compiled for sm_90, with and without those options.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import compile_for_sm90
 
 pytest.importorskip("triton", reason="compiling the kernels needs triton")
 
@@ -68,13 +65,7 @@ print(json.dumps(counts))
 
 @pytest.fixture(scope="module")
 def ptx_counts():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT, env=env)
-    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
-        pytest.skip("this triton install cannot compile for a GPU (no ptxas)")
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return compile_for_sm90(COMPILE, ROOT, "the kernels")
 
 
 def test_the_launch_options_leave_no_multiply_add_to_fuse(ptx_counts):

@@ -53,6 +53,14 @@ def _checked_tokens(tokens, B, T, V, device):
     return tokens
 
 
+def _check_mask(mask, B, T, device):
+    """mask: (B, T) bool or float, finite and >= 0 (where that costs no sync)."""
+    _check_token_tensor("mask", mask, (B, T), device)
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
+    v.check_mask_values(mask)
+
+
 @dataclass(frozen=True)
 class _LossArgs:
     tokens: torch.Tensor  # (B, T) int64
@@ -77,10 +85,7 @@ def _check_loss_args(B, T, V, device, tokens, mask, advantages, old_logprobs, re
                      agg, loss_scale_factor) -> _LossArgs:
     """The checks shared by both loss paths; each error names its argument."""
     tokens = _checked_tokens(tokens, B, T, V, device)
-    _check_token_tensor("mask", mask, (B, T), device)
-    if not (mask.dtype == torch.bool or mask.is_floating_point()):
-        raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
-    v.check_mask_values(mask)
+    _check_mask(mask, B, T, device)
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) not in ((B,), (B, T)):
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
         raise ValueError(f"advantages must be (B,) = ({B},) or (B, T) = ({B}, {T}), got {shape}")
@@ -339,10 +344,7 @@ def fused_linear_logprobs(hidden, weight, tokens, *, bias=None, mask=None, tempe
     B, T, H, V = _check_linear(hidden, weight, bias)
     tokens = _checked_tokens(tokens, B, T, V, hidden.device)
     if mask is not None:
-        _check_token_tensor("mask", mask, (B, T), hidden.device)
-        if not (mask.dtype == torch.bool or mask.is_floating_point()):
-            raise ValueError(f"mask must be bool or floating point, got {mask.dtype}")
-        v.check_mask_values(mask)
+        _check_mask(mask, B, T, hidden.device)
     temperature = v.check_temperature(temperature)
     N = B * T
     if chunk_size is not None:

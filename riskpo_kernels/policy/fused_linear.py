@@ -147,10 +147,10 @@ def _rows_worth_skipping(live):
     if live.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     rows = live.shape[0]
-    kept = int(live.sum())  # a host sync on CUDA, once per chunk
-    if rows - kept < max(1, ZERO_ROW_SKIP_MIN_FRACTION * rows):
+    kept = live.nonzero().squeeze(1)  # its size is the one host sync on CUDA, per chunk
+    if rows - kept.numel() < max(1, ZERO_ROW_SKIP_MIN_FRACTION * rows):
         return None
-    return live.nonzero().squeeze(1)
+    return kept
 
 
 class _Chunks:
